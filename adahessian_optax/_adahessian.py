@@ -1,0 +1,324 @@
+"""The AdaHessian transformation and its optax alias."""
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree
+from optax._src import numerics
+from optax._src import utils
+
+from adahessian_optax import _checks
+from adahessian_optax import _hutchinson
+from adahessian_optax import _spatial
+from adahessian_optax import _tree
+
+_DEFAULT_SPATIAL = _spatial.conv_window_mean()
+
+
+class ScaleByAdaHessianState(NamedTuple):
+  """State of :func:`scale_by_adahessian`.
+
+  Attributes:
+    count: number of ``update`` calls (bias correction of ``mu``).
+    hessian_count: number of Hessian refreshes (bias correction of ``nu``).
+    key: raw data of the probe key, split at every refresh.
+    mu: EMA of the gradient.
+    nu: EMA of the squared, spatially averaged |Hessian diagonal| (at least
+      float32).
+  """
+
+  count: jax.Array
+  hessian_count: jax.Array
+  key: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def _as_float(count: jax.Array, decay: Any) -> jax.Array:
+  """Casts a step count for `decay ** count` under strict dtype promotion."""
+  return count.astype(jnp.result_type(decay, jnp.float32))
+
+
+def _check_hyperparameters(b1, b2, eps, hessian_power, update_interval,
+                           n_samples):
+  _checks.check_interval("b1", b1, 0.0, 1.0, high_open=True)
+  _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
+  _checks.check_interval("eps", eps, 0.0, float("inf"), low_open=True,
+                         high_open=True)
+  _checks.check_interval("hessian_power", hessian_power, 0.0, 1.0)
+  _checks.check_positive_int("update_interval", update_interval,
+                             allow_traced=True)
+  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+
+
+def scale_by_adahessian(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-4,
+    hessian_power: jax.typing.ArrayLike = 1.0,
+    *,
+    key: Any = None,
+    spatial_averaging: _spatial.SpatialAveraging = _DEFAULT_SPATIAL,
+    update_interval: Union[int, jax.Array] = 1,
+    n_samples: int = 1,
+    distribution: str = "rademacher",
+    axis_name: Optional[str] = None,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales updates with AdaHessian's Hessian-diagonal preconditioner.
+
+  With gradient :math:`g_t` and a Hutchinson estimate of the Hessian diagonal
+  (:func:`hutchinson_diagonal`), spatially averaged per leaf after taking
+  absolute values, :math:`D_t = \mathrm{avg}(|\frac1S \sum_s z_s \odot H z_s|)`:
+
+  .. math::
+    \begin{align*}
+      m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, &
+      \hat m_t &= m_t / (1 - \beta_1^{t}), \\
+      v_r &= \beta_2 v_{r-1} + (1 - \beta_2) D_t^2, &
+      \hat v_r &= v_r / (1 - \beta_2^{r}), \\
+      u_t &= \hat m_t / (\hat v_r^{k/2} + \epsilon),
+    \end{align*}
+
+  where :math:`k` is ``hessian_power`` and :math:`r` counts Hessian refreshes.
+  With ``update_interval`` :math:`= i`, the Hessian-vector product runs only on
+  the steps where :math:`t \bmod i = 0` (counting from 0); between refreshes
+  :math:`v` is not updated, and its bias correction counts refreshes, not
+  steps, so :math:`\hat v` is always an unbiased average of the estimates
+  taken. The state holds Adam's two buffers (``mu``, ``nu``) and O(1) more.
+
+  The step on which the Hessian is refreshed is decided as follows: if
+  ``update`` gets ``hessian_refresh=True`` or ``False`` (a Python bool), that
+  decides it at trace time, and the step compiles without the
+  Hessian-vector product when False (the fast way to use
+  ``update_interval > 1``: jit the step with ``hessian_refresh`` static and
+  pass ``step % update_interval == 0``); otherwise a static
+  ``update_interval=1`` refreshes on every step, and any other interval
+  selects with :func:`jax.lax.cond` at run time. Before the first refresh no
+  curvature is known and the update is zero.
+
+  ``update(updates, state, params, *, value_fn, hessian_refresh=None)`` takes
+  the loss closure ``value_fn`` (``params -> scalar``; ``obj_fn`` is accepted
+  as the same thing, for :func:`optax.contrib.sophia`'s protocol). The
+  gradient used for :math:`m` is ``updates``; the one from the Hessian pass is
+  discarded, and XLA removes the duplicate computation when both sit in one
+  jitted function.
+
+  Args:
+    b1: decay rate of the gradient's EMA.
+    b2: decay rate of the EMA of the squared Hessian diagonal.
+    eps: added to :math:`\hat v^{k/2}`, outside the power.
+    hessian_power: :math:`k \in [0, 1]`; 1 is the paper's default.
+    key: an int seed or JAX PRNG key for the probes (required; the same key
+      gives the same run).
+    spatial_averaging: ``None`` (off), a :class:`SpatialRule`, a pytree prefix
+      of params with a rule or ``None`` at each node, or a function
+      ``params -> such a pytree``. The default, :func:`conv_window_mean`,
+      averages Flax convolution kernels over their window and leaves other
+      leaves alone.
+    update_interval: refresh the Hessian estimate every this many steps.
+    n_samples: Hutchinson probes per refresh, batched with ``vmap``.
+    distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
+    axis_name: inside ``pmap``/``shard_map``, the name of the data axis over
+      which the estimate is averaged, so replicas stay identical.
+    mu_dtype: optional dtype of ``mu``; by default the params' dtype.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum(jnp.array([1.0, 100.0]) * p ** 2)
+    >>> tx = optax.chain(aho.scale_by_adahessian(key=0), optax.scale(-0.1))
+    >>> params = jnp.array([1.0, 1.0])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                            value_fn=loss)
+    >>> print(jnp.round(optax.apply_updates(params, updates), 4))
+    [0.9 0.9]
+
+  References:
+    Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
+    Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
+  """
+  _check_hyperparameters(b1, b2, eps, hessian_power, update_interval,
+                         n_samples)
+  _hutchinson._check_distribution(distribution)  # pylint: disable=protected-access
+  typed_key = _hutchinson.as_key(key, "scale_by_adahessian")
+  impl = jax.random.key_impl(typed_key)
+  mu_dtype = utils.canonicalize_dtype(mu_dtype)
+  static_interval = not isinstance(update_interval, jax.Array)
+
+  def init_fn(params):
+    _spatial.resolve_rules(spatial_averaging, params)
+    split = _tree.FloatLeaves.of(params)
+    leaves = split.select(params)
+    mu = optax.tree.zeros_like(leaves, dtype=mu_dtype)
+    nu = [jnp.zeros_like(x, dtype=jnp.promote_types(x.dtype, jnp.float32))
+          for x in leaves]
+    return ScaleByAdaHessianState(
+        count=jnp.zeros([], jnp.int32),
+        hessian_count=jnp.zeros([], jnp.int32),
+        key=jax.random.key_data(typed_key),
+        mu=split.replace(optax.tree.zeros_like(params), mu),
+        nu=split.replace(optax.tree.zeros_like(params), nu),
+    )
+
+  def refreshed_nu(params, fn, rules, nu, hessian_count, key_data):
+    next_key, probe_key = jax.random.split(
+        jax.random.wrap_key_data(key_data, impl=impl))
+    estimate = _hutchinson.hutchinson_diagonal(
+        fn, params, probe_key, n_samples=n_samples,
+        distribution=distribution, axis_name=axis_name).diagonal
+    split = _tree.FloatLeaves.of(params)
+    averaged = [
+        jnp.abs(d) if rules[i] is None else rules[i].apply(jnp.abs(d))
+        for i, d in zip(split.index, split.select(estimate))
+    ]
+    nu = optax.tree.update_moment(averaged, nu, b2, 2)
+    return nu, numerics.safe_increment(hessian_count), jax.random.key_data(
+        next_key)
+
+  def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
+                hessian_refresh=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(
+          "scale_by_adahessian.update needs params (the loss closure is "
+          "evaluated at them), got None")
+    fn = _checks.check_value_fn(value_fn, obj_fn, "scale_by_adahessian.update")
+    _tree.check_same_structure(params, updates, "updates")
+    if hessian_refresh is not None and not isinstance(hessian_refresh, bool):
+      raise TypeError(
+          "hessian_refresh must be a Python bool (static under jit) or None, "
+          f"got {type(hessian_refresh).__name__}; mark it static in jax.jit")
+    rules = _spatial.resolve_rules(spatial_averaging, params)
+
+    split = _tree.FloatLeaves.of(params)
+    grads = split.select(updates)
+    nu = split.select(state.nu)
+    operands = (nu, state.hessian_count, state.key)
+    refresh = lambda *ops: refreshed_nu(params, fn, rules, *ops)
+    if hessian_refresh is None and static_interval and update_interval == 1:
+      hessian_refresh = True
+    if hessian_refresh is True:
+      nu, hessian_count, key_data = refresh(*operands)
+    elif hessian_refresh is False:
+      nu, hessian_count, key_data = operands
+    else:
+      nu, hessian_count, key_data = jax.lax.cond(
+          state.count % update_interval == 0, refresh, lambda *ops: ops,
+          *operands)
+
+    mu = optax.tree.update_moment(grads, split.select(state.mu), b1, 1)
+    count_inc = numerics.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, _as_float(count_inc, b1))
+    nu_hat = optax.tree.bias_correction(
+        nu, b2, _as_float(jnp.maximum(hessian_count, 1), b2))
+
+    def precondition(m, v, g):
+      u = m.astype(v.dtype) / (jnp.power(v, hessian_power / 2) + eps)
+      # A non-finite estimate would give a finite zero step and poison nu for
+      # good; surface it so that optax.apply_if_finite rejects the step.
+      u = jnp.where(jnp.isfinite(v), u, jnp.nan)
+      u = jnp.where(hessian_count > 0, u, 0)
+      return u.astype(g.dtype)
+
+    new_updates = jax.tree.map(precondition, mu_hat, nu_hat, grads)
+    return split.replace(updates, new_updates), ScaleByAdaHessianState(
+        count=count_inc,
+        hessian_count=hessian_count,
+        key=key_data,
+        mu=split.replace(state.mu, optax.tree.cast(mu, mu_dtype)),
+        nu=split.replace(state.nu, optax.tree.cast_like(nu, split.select(state.nu))),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adahessian(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-4,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    hessian_power: jax.typing.ArrayLike = 1.0,
+    *,
+    key: Any = None,
+    spatial_averaging: _spatial.SpatialAveraging = _DEFAULT_SPATIAL,
+    update_interval: Union[int, jax.Array] = 1,
+    n_samples: int = 1,
+    distribution: str = "rademacher",
+    axis_name: Optional[str] = None,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The AdaHessian optimizer, with decoupled weight decay.
+
+  :func:`scale_by_adahessian` followed by decoupled weight decay scaled by the
+  learning rate, as in every reference implementation:
+
+  .. math::
+    \theta_t = \theta_{t-1} - \eta_t \left(
+      \frac{\hat m_t}{\hat v_r^{k/2} + \epsilon} + \lambda \theta_{t-1}\right)
+
+  It is ``optax.chain(scale_by_adahessian(...),
+  optax.add_decayed_weights(weight_decay, weight_decay_mask),
+  optax.scale_by_learning_rate(learning_rate))``. Call ``update`` with the
+  loss closure: ``tx.update(grads, state, params, value_fn=loss_of_params)``.
+
+  Args:
+    learning_rate: a scalar or an optax schedule. The paper used 0.15 for
+      image classification.
+    b1: decay rate of the gradient's EMA.
+    b2: decay rate of the EMA of the squared Hessian diagonal.
+    eps: added to :math:`\hat v^{k/2}`, outside the power.
+    weight_decay: decoupled weight decay :math:`\lambda` (or a schedule).
+    weight_decay_mask: a pytree of bools like params, or a function of params
+      returning one, selecting the leaves to decay.
+    hessian_power: :math:`k \in [0, 1]`.
+    key: an int seed or JAX PRNG key for the probes (required).
+    spatial_averaging: per-leaf averaging rules, see
+      :func:`scale_by_adahessian`.
+    update_interval: refresh the Hessian estimate every this many steps.
+    n_samples: Hutchinson probes per refresh.
+    distribution: ``"rademacher"`` or ``"gaussian"`` probes.
+    axis_name: named axis over which the estimate is averaged.
+    mu_dtype: optional dtype of the first moment.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum(jnp.array([1.0, 1e4]) * (p - 1.0) ** 2)
+    >>> tx = aho.adahessian(learning_rate=0.5, key=0)
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> for _ in range(200):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params, value_fn=loss)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(jnp.round(params, 3))
+    [1. 1.]
+
+  References:
+    Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
+    Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+  """
+  return optax.chain(
+      scale_by_adahessian(
+          b1=b1, b2=b2, eps=eps, hessian_power=hessian_power, key=key,
+          spatial_averaging=spatial_averaging,
+          update_interval=update_interval, n_samples=n_samples,
+          distribution=distribution, axis_name=axis_name, mu_dtype=mu_dtype),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,255 @@
+"""Hutchinson's estimator of the Hessian diagonal, one jvp-over-grad pass."""
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree
+
+from adahessian_optax import _checks
+from adahessian_optax import _tree
+
+_SAMPLERS = {
+    "rademacher": jax.random.rademacher,
+    "gaussian": jax.random.normal,
+}
+
+
+def as_key(key: Any, owner: str) -> jax.Array:
+  """Returns a typed PRNG key from an int seed, a typed key or raw key data."""
+  if key is None:
+    raise ValueError(
+        f"{owner} needs `key`, an int seed or a jax.random.key, to draw its "
+        "Hutchinson probes (no seed is chosen for you), e.g. key=0.")
+  if isinstance(key, bool):
+    raise TypeError(f"{owner}: key must be an int seed or a JAX key, got {key!r}")
+  if isinstance(key, numbers.Integral):
+    return jax.random.key(key)
+  dtype = getattr(key, "dtype", None)
+  shape = getattr(key, "shape", None)
+  if dtype is not None:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      if shape != ():
+        raise ValueError(f"{owner}: key must be a single key, got shape {shape}")
+      return key
+    if jnp.issubdtype(dtype, jnp.integer) and shape == ():
+      return jax.random.key(key)
+    if dtype == jnp.uint32 and len(shape) == 1:
+      return jax.random.wrap_key_data(key)
+  raise TypeError(
+      f"{owner}: key must be an int seed, a jax.random.key or a "
+      f"jax.random.PRNGKey, got {type(key).__name__}")
+
+
+def _check_distribution(distribution: str) -> Callable[..., jax.Array]:
+  if distribution not in _SAMPLERS:
+    raise ValueError(
+        f"distribution must be one of {sorted(_SAMPLERS)}, got {distribution!r}")
+  return _SAMPLERS[distribution]
+
+
+def _scalar_loss(value_fn: Callable[[Any], Any], params: Any) -> jax.Array:
+  out = value_fn(params)
+  if isinstance(out, (tuple, list, dict)):
+    raise TypeError(
+        "value_fn must return a scalar loss, got a "
+        f"{type(out).__name__}; for a loss with auxiliary outputs pass "
+        "`lambda p: loss(p)[0]`.")
+  shape = jnp.shape(out)
+  if shape != ():
+    raise ValueError(f"value_fn must return a scalar loss, got shape {shape}")
+  if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
+    raise TypeError(
+        "value_fn must return a floating-point loss, got dtype "
+        f"{jnp.result_type(out)}")
+  return out
+
+
+def _estimate_dtype(dtype: Any) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+class HutchinsonResult(NamedTuple):
+  """What one Hutchinson pass returns.
+
+  Attributes:
+    value: the loss at `params`.
+    grad: its gradient, a pytree like `params`.
+    diagonal: the signed estimate mean_s z_s * (H z_s) of the Hessian diagonal,
+      in at least float32.
+  """
+
+  value: jax.Array
+  grad: Any
+  diagonal: Any
+
+
+def hutchinson_diagonal(
+    value_fn: Callable[[Any], jax.Array],
+    params: Any,
+    key: Any,
+    *,
+    n_samples: int = 1,
+    distribution: str = "rademacher",
+    axis_name: Optional[str] = None,
+) -> HutchinsonResult:
+  r"""Estimates the Hessian diagonal with Hutchinson probes.
+
+  For probes :math:`z_1, \dots, z_S` with independent entries of zero mean and
+  unit variance (Rademacher :math:`\pm 1` by default),
+
+  .. math::
+    \widehat{\mathrm{diag}}(H) = \frac{1}{S} \sum_{s=1}^{S} z_s \odot (H z_s),
+    \qquad \mathbb{E}\,\widehat{\mathrm{diag}}(H) = \mathrm{diag}(H).
+
+  Each product :math:`H z_s` is a forward-over-reverse pass
+  ``jax.jvp(jax.grad(value_fn), (params,), (z_s,))``, which also yields the
+  gradient; the ``n_samples`` probes are batched with ``jax.vmap`` over the
+  tangents only, so the primal (forward and backward) pass runs once. Every
+  leaf gets its own probe. Tangents are taken for the floating-point leaves of
+  ``params`` only; integer and boolean leaves pass through (their gradient and
+  diagonal are zeros) and ``None`` leaves are empty subtrees.
+
+  Args:
+    value_fn: the loss, a function of ``params`` returning a float scalar.
+    params: the pytree at which to estimate the diagonal.
+    key: an int seed or a JAX PRNG key for the probes.
+    n_samples: number of probes averaged (signed) into the estimate.
+    distribution: ``"rademacher"`` or ``"gaussian"``.
+    axis_name: if given (inside ``pmap`` or ``shard_map``), the value, the
+      gradient and the estimate are averaged over this named axis; replicas
+      should share the key so that they use the same probes.
+
+  Returns:
+    A :class:`HutchinsonResult` ``(value, grad, diagonal)``; ``diagonal`` is
+    signed (take its absolute value for AdaHessian).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum(jnp.array([1.0, 2.0, 3.0]) * p ** 2)
+    >>> result = aho.hutchinson_diagonal(loss, jnp.ones(3), key=0)
+    >>> print(result.diagonal)
+    [2. 4. 6.]
+
+  References:
+    Hutchinson, `A stochastic estimator of the trace of the influence matrix
+    for Laplacian smoothing splines
+    <https://doi.org/10.1080/03610918908812806>`_, 1989.
+
+    Bekas, Kokiopoulou and Saad, `An estimator for the diagonal of a matrix
+    <https://doi.org/10.1016/j.apnum.2007.01.003>`_, 2007.
+  """
+  if params is None:
+    raise ValueError("hutchinson_diagonal needs params, got None")
+  value_fn = _checks.check_value_fn(value_fn, None, "hutchinson_diagonal")
+  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+  sampler = _check_distribution(distribution)
+  key = as_key(key, "hutchinson_diagonal")
+
+  split = _tree.FloatLeaves.of(params)
+  leaves = split.select(params)
+
+  def loss_of_leaves(float_leaves):
+    return _scalar_loss(value_fn, split.replace(params, float_leaves))
+
+  value_and_grad = jax.value_and_grad(loss_of_leaves)
+
+  def one_probe(probe_key):
+    z = optax.tree.random_like(probe_key, leaves, sampler)
+    (value, grad), (_, hz) = jax.jvp(value_and_grad, (leaves,), (z,))
+    zhz = [
+        z_.astype(_estimate_dtype(z_.dtype)) * h.astype(_estimate_dtype(h.dtype))
+        for z_, h in zip(z, hz)
+    ]
+    return value, grad, zhz
+
+  keys = jax.random.split(key, int(n_samples))
+  value, grad, zhz = jax.vmap(one_probe, out_axes=(None, None, 0))(keys)
+  diagonal = [jnp.mean(d, axis=0) for d in zhz]
+  if axis_name is not None:
+    value, grad, diagonal = jax.lax.pmean((value, grad, diagonal), axis_name)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  return HutchinsonResult(
+      value=value,
+      grad=split.replace(zeros, grad),
+      diagonal=split.replace(zeros, diagonal),
+  )
+
+
+class HutchinsonState(NamedTuple):
+  """State of :func:`hutchinson_estimator`: the raw data of the probe key."""
+
+  key: jax.Array
+
+
+def hutchinson_estimator(
+    key: Any = None,
+    *,
+    n_samples: int = 1,
+    distribution: str = "rademacher",
+    axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Hutchinson's Hessian-diagonal estimator as a gradient transformation.
+
+  Its ``update(updates, state, params, *, value_fn)`` ignores ``updates`` and
+  returns the signed estimate
+  :math:`\frac{1}{S}\sum_s z_s \odot (H z_s)` (see
+  :func:`hutchinson_diagonal`) cast to the params' dtypes, splitting its key
+  on every call. It follows the protocol of the ``hessian_diagonal_fn``
+  argument of :func:`optax.contrib.sophia`, which passes the loss closure as
+  ``obj_fn``; ``value_fn`` is accepted as the same thing.
+
+  Args:
+    key: an int seed or a JAX PRNG key (required).
+    n_samples: number of probes per estimate.
+    distribution: ``"rademacher"`` or ``"gaussian"``.
+    axis_name: named axis over which estimates are averaged.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum((p - 1.0) ** 2)
+    >>> tx = optax.contrib.sophia(
+    ...     1e-1, hessian_diagonal_fn=aho.hutchinson_estimator(key=0))
+    >>> params = jnp.zeros(3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(
+    ...     jax.grad(loss)(params), state, params, obj_fn=loss)
+    >>> print(optax.apply_updates(params, updates))
+    [0.1 0.1 0.1]
+
+  References:
+    Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
+    Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
+  """
+  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+  _check_distribution(distribution)
+  typed = as_key(key, "hutchinson_estimator")
+  impl = jax.random.key_impl(typed)
+
+  def init_fn(params):
+    del params
+    return HutchinsonState(key=jax.random.key_data(typed))
+
+  def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
+                **extra_args):
+    del updates, extra_args
+    if params is None:
+      raise ValueError("hutchinson_estimator.update needs params, got None")
+    fn = _checks.check_value_fn(value_fn, obj_fn, "hutchinson_estimator.update")
+    next_key, probe_key = jax.random.split(
+        jax.random.wrap_key_data(state.key, impl=impl))
+    estimate = hutchinson_diagonal(
+        fn, params, probe_key, n_samples=n_samples,
+        distribution=distribution, axis_name=axis_name).diagonal
+    return (optax.tree.cast_like(estimate, params),
+            HutchinsonState(key=jax.random.key_data(next_key)))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,58 @@
+"""Splitting a params pytree into its differentiable leaves and the rest."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def is_differentiable(leaf: Any) -> bool:
+  """True for real floating-point array leaves."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:
+    return False
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+        "complex parameters are not supported: the Hessian diagonal of a real "
+        "loss in complex parameters is not defined by this estimator.")
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+class FloatLeaves(NamedTuple):
+  """Positions of the floating-point leaves of a pytree."""
+
+  treedef: Any
+  index: tuple[int, ...]
+
+  @classmethod
+  def of(cls, tree: Any) -> "FloatLeaves":
+    leaves, treedef = jax.tree.flatten(tree)
+    index = tuple(i for i, x in enumerate(leaves) if is_differentiable(x))
+    return cls(treedef, index)
+
+  def select(self, tree: Any) -> list:
+    """The floating-point leaves of `tree` (same structure as the original)."""
+    leaves = self.treedef.flatten_up_to(tree)
+    return [leaves[i] for i in self.index]
+
+  def replace(self, tree: Any, values: list) -> Any:
+    """`tree` with its floating-point leaves replaced by `values`."""
+    leaves = list(self.treedef.flatten_up_to(tree))
+    for i, v in zip(self.index, values):
+      leaves[i] = v
+    return self.treedef.unflatten(leaves)
+
+
+def check_same_structure(params: Any, other: Any, other_name: str) -> None:
+  """Raises a ValueError naming both structures when they differ."""
+  a = jax.tree.structure(params)
+  b = jax.tree.structure(other)
+  if a != b:
+    raise ValueError(
+        f"{other_name} and params must have the same pytree structure; "
+        f"params: {_short(a)}, {other_name}: {_short(b)}")
+
+
+def _short(treedef: Any, limit: int = 300) -> str:
+  text = str(treedef)
+  return text if len(text) <= limit else text[:limit] + "..."
