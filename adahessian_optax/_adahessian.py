@@ -23,26 +23,32 @@ class ScaleByAdaHessianState(NamedTuple):
   Attributes:
     count: number of ``update`` calls (bias correction of ``mu``).
     hessian_count: number of Hessian refreshes (bias correction of ``nu``).
+    nonfinite_hessian_count: number of refreshes whose estimate was not finite
+      and was discarded.
     key: raw data of the probe key, split at every refresh.
     mu: EMA of the gradient.
-    nu: EMA of the squared, spatially averaged |Hessian diagonal| (at least
-      float32).
+    nu: EMA of the squared, spatially averaged absolute Hessian diagonal (at
+      least float32).
   """
 
   count: jax.Array
   hessian_count: jax.Array
+  nonfinite_hessian_count: jax.Array
   key: jax.Array
   mu: optax.Updates
   nu: optax.Updates
 
 
-def _as_float(count: jax.Array, decay: Any) -> jax.Array:
-  """Casts a step count for `decay ** count` under strict dtype promotion."""
-  return count.astype(jnp.result_type(decay, jnp.float32))
+def _as_float(count: jax.Array, moments: list) -> jax.Array:
+  """Casts a step count for `decay ** count` in the moments' widest dtype."""
+  wide = any(jnp.dtype(m.dtype).itemsize > 4 for m in moments)
+  return count.astype(jnp.float64 if wide else jnp.float32)
 
 
 def _check_hyperparameters(b1, b2, eps, hessian_power, update_interval,
                            n_samples):
+  _checks.check_decay_precision("b1", b1)
+  _checks.check_decay_precision("b2", b2)
   _checks.check_interval("b1", b1, 0.0, 1.0, high_open=True)
   _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_interval("eps", eps, 0.0, float("inf"), low_open=True,
@@ -94,7 +100,9 @@ def scale_by_adahessian(
   decides it at trace time, and the step compiles without the
   Hessian-vector product when False (the fast way to use
   ``update_interval > 1``: jit the step with ``hessian_refresh`` static and
-  pass ``step % update_interval == 0``); otherwise a static
+  pass ``step % update_interval == 0``); a boolean scalar array decides it at
+  run time with :func:`jax.lax.cond` (for loops inside ``lax.scan`` or
+  :class:`optax.MultiSteps`, see the composition guide); otherwise a static
   ``update_interval=1`` refreshes on every step, and any other interval
   selects with :func:`jax.lax.cond` at run time. Before the first refresh no
   curvature is known and the update is zero.
@@ -149,6 +157,7 @@ def scale_by_adahessian(
   _hutchinson._check_distribution(distribution)  # pylint: disable=protected-access
   typed_key = _hutchinson.as_key(key, "scale_by_adahessian")
   impl = jax.random.key_impl(typed_key)
+  _checks.check_float_dtype("mu_dtype", mu_dtype)
   mu_dtype = utils.canonicalize_dtype(mu_dtype)
   static_interval = not isinstance(update_interval, jax.Array)
 
@@ -157,17 +166,19 @@ def scale_by_adahessian(
     split = _tree.FloatLeaves.of(params)
     leaves = split.select(params)
     mu = optax.tree.zeros_like(leaves, dtype=mu_dtype)
-    nu = [jnp.zeros_like(x, dtype=jnp.promote_types(x.dtype, jnp.float32))
+    nu = [jnp.zeros_like(x, dtype=_tree.at_least_float32(x.dtype))
           for x in leaves]
     return ScaleByAdaHessianState(
         count=jnp.zeros([], jnp.int32),
         hessian_count=jnp.zeros([], jnp.int32),
+        nonfinite_hessian_count=jnp.zeros([], jnp.int32),
         key=jax.random.key_data(typed_key),
         mu=split.replace(optax.tree.zeros_like(params), mu),
         nu=split.replace(optax.tree.zeros_like(params), nu),
     )
 
-  def refreshed_nu(params, fn, rules, nu, hessian_count, key_data):
+  def refreshed_nu(params, fn, rules, b2, nu, hessian_count, nonfinite_count,
+                   key_data):
     next_key, probe_key = jax.random.split(
         jax.random.wrap_key_data(key_data, impl=impl))
     estimate = _hutchinson.hutchinson_diagonal(
@@ -178,9 +189,20 @@ def scale_by_adahessian(
         jnp.abs(d) if rules[i] is None else rules[i].apply(jnp.abs(d))
         for i, d in zip(split.index, split.select(estimate))
     ]
-    nu = optax.tree.update_moment(averaged, nu, b2, 2)
-    return nu, numerics.safe_increment(hessian_count), jax.random.key_data(
-        next_key)
+    new_nu = optax.tree.update_moment(averaged, nu, b2, 2)
+    # A non-finite estimate (or an overflow of its square) would poison nu for
+    # good, and optax.apply_if_finite only inspects the incoming gradients:
+    # discard such an estimate and count it instead.
+    finite = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(v)) for v in new_nu] or [jnp.array(True)]))
+    return (
+        optax.tree.where(finite, new_nu, nu),
+        jnp.where(finite, numerics.safe_increment(hessian_count),
+                  hessian_count),
+        jnp.where(finite, nonfinite_count,
+                  numerics.safe_increment(nonfinite_count)),
+        jax.random.key_data(next_key),
+    )
 
   def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
                 hessian_refresh=None, **extra_args):
@@ -191,39 +213,57 @@ def scale_by_adahessian(
           "evaluated at them), got None")
     fn = _checks.check_value_fn(value_fn, obj_fn, "scale_by_adahessian.update")
     _tree.check_same_structure(params, updates, "updates")
-    if hessian_refresh is not None and not isinstance(hessian_refresh, bool):
+    _tree.check_same_structure(
+        params, state.mu, "the state's mu",
+        "; was the state initialised with init() on params like these?")
+    traced_refresh = isinstance(hessian_refresh, jax.Array)
+    if traced_refresh and (hessian_refresh.shape != ()
+                           or hessian_refresh.dtype != jnp.bool_):
       raise TypeError(
-          "hessian_refresh must be a Python bool (static under jit) or None, "
-          f"got {type(hessian_refresh).__name__}; mark it static in jax.jit")
+          "hessian_refresh given as an array must be a boolean scalar, got "
+          f"shape {hessian_refresh.shape} and dtype {hessian_refresh.dtype}")
+    if not (hessian_refresh is None or traced_refresh
+            or isinstance(hessian_refresh, bool)):
+      raise TypeError(
+          "hessian_refresh must be a Python bool (static under jit), a boolean "
+          f"scalar array or None, got {type(hessian_refresh).__name__}")
     rules = _spatial.resolve_rules(spatial_averaging, params)
 
     split = _tree.FloatLeaves.of(params)
     grads = split.select(updates)
     nu = split.select(state.nu)
-    operands = (nu, state.hessian_count, state.key)
-    refresh = lambda *ops: refreshed_nu(params, fn, rules, *ops)
+    operands = (nu, state.hessian_count, state.nonfinite_hessian_count,
+                state.key)
+    # Hyperparameters as arrays of the params' widest dtype, as
+    # optax.inject_hyperparams passes them, so both give identical numbers.
+    hp_dtype = jnp.float64 if _as_float(state.count, nu).dtype == jnp.float64 else jnp.float32
+    b1_, b2_, eps_, power_ = (jnp.asarray(h, hp_dtype)
+                              for h in (b1, b2, eps, hessian_power))
+    refresh = lambda *ops: refreshed_nu(params, fn, rules, b2_, *ops)
     if hessian_refresh is None and static_interval and update_interval == 1:
       hessian_refresh = True
     if hessian_refresh is True:
-      nu, hessian_count, key_data = refresh(*operands)
+      nu, hessian_count, nonfinite_count, key_data = refresh(*operands)
     elif hessian_refresh is False:
-      nu, hessian_count, key_data = operands
+      nu, hessian_count, nonfinite_count, key_data = operands
+    elif traced_refresh:
+      nu, hessian_count, nonfinite_count, key_data = jax.lax.cond(
+          hessian_refresh, refresh, lambda *ops: ops, *operands)
     else:
-      nu, hessian_count, key_data = jax.lax.cond(
+      nu, hessian_count, nonfinite_count, key_data = jax.lax.cond(
           state.count % update_interval == 0, refresh, lambda *ops: ops,
           *operands)
 
-    mu = optax.tree.update_moment(grads, split.select(state.mu), b1, 1)
+    old_mu = split.select(state.mu)
+    mu = optax.tree.update_moment(
+        optax.tree.cast_like(grads, old_mu), old_mu, b1_, 1)
     count_inc = numerics.safe_increment(state.count)
-    mu_hat = optax.tree.bias_correction(mu, b1, _as_float(count_inc, b1))
+    mu_hat = optax.tree.bias_correction(mu, b1_, _as_float(count_inc, mu))
     nu_hat = optax.tree.bias_correction(
-        nu, b2, _as_float(jnp.maximum(hessian_count, 1), b2))
+        nu, b2_, _as_float(jnp.maximum(hessian_count, 1), nu))
 
     def precondition(m, v, g):
-      u = m.astype(v.dtype) / (jnp.power(v, hessian_power / 2) + eps)
-      # A non-finite estimate would give a finite zero step and poison nu for
-      # good; surface it so that optax.apply_if_finite rejects the step.
-      u = jnp.where(jnp.isfinite(v), u, jnp.nan)
+      u = m.astype(v.dtype) / (jnp.power(v, power_ / 2) + eps_)
       u = jnp.where(hessian_count > 0, u, 0)
       return u.astype(g.dtype)
 
@@ -231,8 +271,9 @@ def scale_by_adahessian(
     return split.replace(updates, new_updates), ScaleByAdaHessianState(
         count=count_inc,
         hessian_count=hessian_count,
+        nonfinite_hessian_count=nonfinite_count,
         key=key_data,
-        mu=split.replace(state.mu, optax.tree.cast(mu, mu_dtype)),
+        mu=split.replace(state.mu, optax.tree.cast_like(mu, old_mu)),
         nu=split.replace(state.nu, optax.tree.cast_like(nu, split.select(state.nu))),
     )
 

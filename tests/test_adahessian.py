@@ -1,0 +1,439 @@
+"""scale_by_adahessian / adahessian against an independent NumPy version."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adahessian_optax as aho
+
+# --- A separable loss: its exact Hessian diagonal is known in closed form, so
+# one Rademacher probe is exact and the NumPy reference needs no probes.
+
+SHAPES = {"conv": (2, 2, 3, 4), "dense": (5, 6), "bias": (6,)}
+
+
+def _coefficients(seed=0):
+  rng = np.random.default_rng(seed)
+  coef = {}
+  for name, shape in SHAPES.items():
+    coef[name] = dict(
+        a=rng.uniform(0.5, 2.0, shape),
+        c=rng.uniform(-1.0, 3.0, shape),  # some negative curvature
+        s=rng.normal(size=shape),
+    )
+  return coef
+
+
+def _params0(seed=1):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=s) for k, s in SHAPES.items()}
+
+
+def _jax_loss(coef):
+  def loss(p):
+    total = 0.0
+    for k in SHAPES:
+      a, c, s = (jnp.asarray(coef[k][n]) for n in "acs")
+      total = total + jnp.sum(a * p[k] ** 4 / 12 + c * p[k] ** 2 / 2 + s * p[k])
+    return total
+  return loss
+
+
+def _np_grad(coef, p):
+  return {k: coef[k]["a"] * p[k] ** 3 / 3 + coef[k]["c"] * p[k] + coef[k]["s"]
+          for k in p}
+
+
+def _np_diag(coef, p):
+  return {k: coef[k]["a"] * p[k] ** 2 + coef[k]["c"] for k in p}
+
+
+def _np_block_mean(x, b):
+  out = np.empty_like(x)
+  for start in range(0, x.shape[-1], b):
+    out[..., start:start + b] = x[..., start:start + b].mean(-1, keepdims=True)
+  return out
+
+
+NP_RULES = {
+    "conv": lambda x: np.broadcast_to(x.mean((0, 1), keepdims=True), x.shape),
+    "dense": lambda x: _np_block_mean(x, 4),
+    "bias": lambda x: x,
+}
+JAX_RULES = {"conv": aho.conv_window_mean(), "dense": aho.block_mean(4),
+             "bias": None}
+
+
+def numpy_adahessian(coef, p, steps, *, lr, b1, b2, eps, power, wd,
+                     interval=1, wd_mask=None, grad_hook=None, lr_fn=None):
+  """The paper's update, written out in NumPy."""
+  p = {k: v.copy() for k, v in p.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  refreshes = 0
+  trajectory = []
+  for t in range(steps):
+    g = _np_grad(coef, p)
+    if grad_hook is not None:
+      g = grad_hook(g)
+    if t % interval == 0:
+      d = _np_diag(coef, p)
+      for k in p:
+        dk = NP_RULES[k](np.abs(d[k]))
+        v[k] = b2 * v[k] + (1 - b2) * dk * dk
+      refreshes += 1
+    step_lr = lr if lr_fn is None else lr_fn(t)
+    for k in p:
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      m_hat = m[k] / (1 - b1 ** (t + 1))
+      v_hat = v[k] / (1 - b2 ** refreshes)
+      u = m_hat / (v_hat ** (power / 2) + eps)
+      decay = wd if wd_mask is None or wd_mask[k] else 0.0
+      p[k] = p[k] - step_lr * (u + decay * p[k])
+    trajectory.append({k: x.copy() for k, x in p.items()})
+  return trajectory
+
+
+def run_optax(tx, loss, p, steps, *, refresh_fn=None, jit=True):
+  params = {k: jnp.asarray(x) for k, x in p.items()}
+  state = tx.init(params)
+
+  def step(params, state, refresh):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params, value_fn=loss,
+                               hessian_refresh=refresh)
+    return optax.apply_updates(params, updates), state
+
+  if jit:
+    step = jax.jit(step, static_argnums=2)
+  trajectory = []
+  for t in range(steps):
+    refresh = None if refresh_fn is None else refresh_fn(t)
+    params, state = step(params, state, refresh)
+    trajectory.append(params)
+  return trajectory, state
+
+
+def assert_trajectories_close(got, want, rtol=1e-9, atol=1e-12):
+  assert len(got) == len(want)
+  for t, (g, w) in enumerate(zip(got, want)):
+    for k in w:
+      np.testing.assert_allclose(np.asarray(g[k]), w[k], rtol=rtol, atol=atol,
+                                 err_msg=f"step {t}, leaf {k}")
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+
+
+CASES = [
+    dict(lr=0.1, b1=0.9, b2=0.999, eps=1e-4, power=1.0, wd=0.0),
+    dict(lr=0.05, b1=0.8, b2=0.99, eps=1e-2, power=0.5, wd=1e-2),
+    dict(lr=0.2, b1=0.0, b2=0.5, eps=1e-8, power=0.0, wd=0.0),
+    dict(lr=0.1, b1=0.95, b2=0.9, eps=0.3, power=0.7, wd=0.1),
+]
+
+
+@pytest.mark.parametrize("case, n_samples", [(c, 1) for c in CASES] +
+                         [(CASES[1], 3)])
+def test_matches_numpy_reference(x64, case, n_samples):
+  coef, p0 = _coefficients(), _params0()
+  want = numpy_adahessian(coef, p0, 12, **case)
+  tx = aho.adahessian(
+      case["lr"], b1=case["b1"], b2=case["b2"], eps=case["eps"],
+      weight_decay=case["wd"], hessian_power=case["power"], key=4,
+      spatial_averaging=JAX_RULES, n_samples=n_samples)
+  got, state = run_optax(tx, _jax_loss(coef), p0, 12)
+  assert_trajectories_close(got, want)
+  inner = state[0]
+  assert int(inner.count) == 12 and int(inner.hessian_count) == 12
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+@pytest.mark.parametrize("static", [True, False])
+def test_update_interval_matches_numpy_reference(x64, interval, static):
+  coef, p0 = _coefficients(2), _params0(3)
+  case = CASES[1]
+  want = numpy_adahessian(coef, p0, 10, interval=interval, **case)
+  tx = aho.adahessian(
+      case["lr"], b1=case["b1"], b2=case["b2"], eps=case["eps"],
+      weight_decay=case["wd"], hessian_power=case["power"], key=0,
+      spatial_averaging=JAX_RULES, update_interval=interval)
+  refresh_fn = (lambda t: t % interval == 0) if static else None
+  got, state = run_optax(tx, _jax_loss(coef), p0, 10, refresh_fn=refresh_fn)
+  assert_trajectories_close(got, want)
+  assert int(state[0].hessian_count) == len(range(0, 10, interval))
+
+
+def test_skipped_refresh_runs_no_hessian_product():
+  calls = []
+
+  def loss(p):
+    calls.append(1)  # counts traces of the closure
+    return jnp.sum(p ** 2)
+
+  tx = aho.scale_by_adahessian(key=0, update_interval=2)
+  params = jnp.ones(3)
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(
+      lambda s: tx.update(params, s, params, value_fn=loss,
+                          hessian_refresh=False))(state)
+  assert not calls and "cond" not in str(jaxpr)
+  jaxpr = jax.make_jaxpr(
+      lambda s: tx.update(params, s, params, value_fn=loss))(state)
+  assert calls and "cond" in str(jaxpr)
+
+
+def test_no_curvature_before_first_refresh_means_zero_step():
+  tx = aho.scale_by_adahessian(key=0)
+  params = jnp.ones(3)
+  state = tx.init(params)
+  updates, state = tx.update(params, state, params, value_fn=jnp.sum,
+                             hessian_refresh=False)
+  np.testing.assert_array_equal(updates, np.zeros(3))
+  assert int(state.hessian_count) == 0
+
+
+def test_non_separable_with_probes_reproduced_in_numpy(x64):
+  """Probes are drawn from the state key: split, then one key per probe."""
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(7, 7))
+  a = q @ q.T + np.eye(7)
+  b = rng.normal(size=7)
+  shapes = {"u": (3,), "w": (2, 2)}
+
+  def flat(p):
+    return jnp.concatenate([p["u"], p["w"].reshape(-1)])
+
+  loss = lambda p: 0.5 * flat(p) @ jnp.asarray(a) @ flat(p) + jnp.asarray(b) @ flat(p)
+  lr, b1, b2, eps, n = 0.1, 0.9, 0.99, 1e-3, 2
+  tx = aho.adahessian(lr, b1=b1, b2=b2, eps=eps, key=9, n_samples=n,
+                      distribution="gaussian", spatial_averaging=None)
+  p0 = {k: rng.normal(size=s) for k, s in shapes.items()}
+  got, _ = run_optax(tx, loss, p0, 6)
+
+  key = jax.random.key(9)
+  x = np.concatenate([p0["u"], p0["w"].reshape(-1)])
+  m = np.zeros(7)
+  v = np.zeros(7)
+  for t in range(6):
+    key, probe_key = jax.random.split(key)
+    d = np.zeros(7)
+    for k in jax.random.split(probe_key, n):
+      leaves = [jnp.zeros(shapes["u"]), jnp.zeros(shapes["w"])]
+      z = optax.tree.random_like(k, leaves, jax.random.normal)
+      z = np.concatenate([np.asarray(z[0]), np.asarray(z[1]).reshape(-1)])
+      d += z * (a @ z) / n
+    g = a @ x + b
+    v = b2 * v + (1 - b2) * d ** 2
+    m = b1 * m + (1 - b1) * g
+    u = (m / (1 - b1 ** (t + 1))) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)
+    x = x - lr * u
+    np.testing.assert_allclose(flat(got[t]), x, rtol=1e-9, err_msg=f"step {t}")
+
+
+# --- Composition with other optax transformations.
+
+
+def test_chain_with_clip_by_global_norm(x64):
+  coef, p0 = _coefficients(5), _params0(6)
+  case = CASES[0]
+
+  def clip(g):
+    norm = np.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+    return {k: x * min(1.0, 0.5 / norm) for k, x in g.items()}
+
+  want = numpy_adahessian(coef, p0, 8, grad_hook=clip, **case)
+  tx = optax.chain(
+      optax.clip_by_global_norm(0.5),
+      aho.adahessian(case["lr"], key=1, spatial_averaging=JAX_RULES))
+  got, _ = run_optax(tx, _jax_loss(coef), p0, 8)
+  assert_trajectories_close(got, want)
+
+
+@pytest.mark.standard_promotion
+def test_warmup_cosine_schedule_and_weight_decay_mask(x64):
+  coef, p0 = _coefficients(7), _params0(8)
+  peak, warm, total, end = 0.2, 3, 10, 0.01
+
+  def lr_fn(t):  # warmup from 0, then cosine down to `end`, written out
+    if t < warm:
+      return peak * t / warm
+    frac = (t - warm) / (total - warm)
+    return end + (peak - end) * 0.5 * (1 + np.cos(np.pi * frac))
+
+  mask = {"conv": True, "dense": True, "bias": False}
+  want = numpy_adahessian(coef, p0, total, lr=None, b1=0.9, b2=0.999,
+                          eps=1e-4, power=1.0, wd=0.05, wd_mask=mask,
+                          lr_fn=lr_fn)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warm, total, end)
+  tx = aho.adahessian(schedule, weight_decay=0.05, weight_decay_mask=mask,
+                      key=2, spatial_averaging=JAX_RULES)
+  got, _ = run_optax(tx, _jax_loss(coef), p0, total)
+  # optax evaluates schedules in float32.
+  assert_trajectories_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_inject_hyperparams_identical_and_changeable():
+  coef, p0 = _coefficients(9), _params0(10)
+  loss = _jax_loss(coef)
+  p0 = {k: x.astype(np.float32) for k, x in p0.items()}
+  plain = aho.adahessian(0.1, key=3)
+  injected = optax.inject_hyperparams(aho.adahessian, static_args=("n_samples",))(
+      learning_rate=0.1, key=3)
+  want, _ = run_optax(plain, loss, p0, 5)
+  got, state = run_optax(injected, loss, p0, 5)
+  for g, w in zip(got, want):
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k])
+
+  params = got[-1]
+  grads = jax.grad(loss)(params)
+  u1, _ = injected.update(grads, state, params, value_fn=loss)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.025)
+  u2, _ = injected.update(grads, state, params, value_fn=loss)
+  for k in u1:
+    np.testing.assert_allclose(u2[k], u1[k] / 4, rtol=1e-6)
+
+
+def test_apply_if_finite_rejects_bad_gradient():
+  loss = lambda p: jnp.sum(p ** 4) / 4 + jnp.sum(p ** 2)
+  tx = optax.apply_if_finite(aho.adahessian(0.1, key=0), max_consecutive_errors=5)
+  params = jnp.array([1.0, -2.0])
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))
+  updates, good_state = step(jax.grad(loss)(params), state, params)
+  params = optax.apply_updates(params, updates)
+
+  updates, state = step(jnp.array([jnp.nan, 1.0]), good_state, params)
+  np.testing.assert_array_equal(updates, np.zeros(2))
+  assert int(state.notfinite_count) == 1
+  for a, b in zip(jax.tree.leaves(state.inner_state),
+                  jax.tree.leaves(good_state.inner_state)):
+    np.testing.assert_array_equal(a, b)
+  updates, state = step(jax.grad(loss)(params), state, params)
+  assert np.all(np.isfinite(updates)) and np.any(updates != 0)
+  assert int(state.notfinite_count) == 0
+
+
+def test_non_finite_hessian_estimate_is_discarded_and_counted():
+  loss = lambda p: jnp.sum(p ** 4) / 4 + jnp.sum(p ** 2)
+  bad_curvature = lambda p: loss(p) + jnp.sum(jnp.sqrt(p - 10.0) ** 2)
+  tx = aho.scale_by_adahessian(key=0)
+  params = jnp.array([1.0, -2.0])
+  state = tx.init(params)
+  step = jax.jit(lambda s, f: tx.update(jax.grad(loss)(params), s, params,
+                                        value_fn=f), static_argnums=1)
+  good_updates, good = step(state, loss)
+  updates, bad = step(good, bad_curvature)
+  assert int(bad.nonfinite_hessian_count) == 1
+  assert int(bad.hessian_count) == int(good.hessian_count) == 1
+  np.testing.assert_array_equal(bad.nu, good.nu)
+  assert not np.array_equal(bad.key, good.key)  # next refresh: new probes
+  # The step uses the curvature known so far: |diag H| = 3 p^2 + 2.
+  d = 3 * np.array([1.0, 4.0]) + 2
+  g = np.array([3.0, -12.0])
+  m = 0.9 * 0.1 * g + 0.1 * g
+  np.testing.assert_allclose(updates, (m / (1 - 0.9 ** 2)) / (d + 1e-4),
+                             rtol=1e-5)
+  np.testing.assert_allclose(good_updates, g / (d + 1e-4), rtol=1e-5)
+
+
+def test_jitted_step_does_not_recompile():
+  traces = []
+  tx = aho.adahessian(0.1, key=0, update_interval=2)
+  loss = lambda p: jnp.sum(jnp.cos(p))
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    updates, state = tx.update(jax.grad(loss)(params), state, params,
+                               value_fn=loss)
+    return optax.apply_updates(params, updates), state
+
+  params = jnp.ones(4)
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+  assert len(traces) == 1
+
+
+def test_update_requires_closure_and_params():
+  tx = aho.adahessian(0.1, key=0)
+  params = jnp.ones(2)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="value_fn"):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, state, None, value_fn=jnp.sum)
+  with pytest.raises(ValueError, match="both value_fn and obj_fn"):
+    tx.update(params, state, params, value_fn=jnp.sum, obj_fn=jnp.mean)
+  updates, _ = tx.update(params, state, params, obj_fn=lambda p: jnp.sum(p**2))
+  np.testing.assert_allclose(updates, -0.1 / (2 + 1e-4) * np.ones(2),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="key"):
+    aho.adahessian(0.1)
+
+
+# --- Convergence.
+
+
+def _steps_until_within(tx, loss, x0, optimum, steps, tol):
+  """First step after which loss - optimum stays <= tol (None if never)."""
+  state = tx.init(x0)
+
+  def body(carry, _):
+    x, s = carry
+    u, s = tx.update(jax.grad(loss)(x), s, x, value_fn=loss)
+    x = optax.apply_updates(x, u)
+    return (x, s), loss(x) - optimum
+
+  _, gaps = jax.jit(lambda: jax.lax.scan(body, (x0, state), None,
+                                         length=steps))()
+  bad = np.nonzero(np.asarray(gaps) > tol)[0]
+  if len(bad) == 0:
+    return 1
+  return None if bad[-1] == steps - 1 else int(bad[-1]) + 2
+
+
+@pytest.mark.standard_promotion
+def test_ill_conditioned_quadratic_needs_10x_fewer_steps_than_adam(x64):
+  # Curvatures 1 ... 1e4 (condition number 1e4); optimum coordinates of
+  # magnitudes 1e-2 ... 1e2 with alternating signs.
+  curvature = jnp.logspace(0, 4, 20)
+  target = jnp.logspace(-2, 2, 20) * jnp.where(jnp.arange(20) % 2 == 0, 1, -1)
+  loss = lambda x: 0.5 * jnp.sum(curvature * (x - target) ** 2)
+  x0 = jnp.zeros(20)
+  grid = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
+  budget = 20000
+  ada = [_steps_until_within(aho.adahessian(lr, key=0), loss, x0, 0.0, 2000,
+                             1e-6) for lr in grid]
+  adam = [_steps_until_within(optax.adam(lr), loss, x0, 0.0, budget, 1e-6)
+          for lr in grid]
+  best_ada = min(s for s in ada if s is not None)
+  best_adam = min([s for s in adam if s is not None] + [budget])
+  assert best_ada <= 400, ada
+  assert 10 * best_ada <= best_adam, (ada, adam)
+
+
+def test_rosenbrock_converges(x64):
+  rosenbrock = lambda x: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+  tx = aho.adahessian(2.0, key=0)
+  x0 = jnp.array([-1.5, 2.0])
+  state = tx.init(x0)
+
+  def body(carry, _):
+    x, s = carry
+    u, s = tx.update(jax.grad(rosenbrock)(x), s, x, value_fn=rosenbrock)
+    return (optax.apply_updates(x, u), s), None
+
+  (x, _), _ = jax.jit(lambda: jax.lax.scan(body, (x0, state), None,
+                                           length=5000))()
+  np.testing.assert_allclose(x, [1.0, 1.0], atol=1e-3)
+  assert rosenbrock(x) < 1e-6
