@@ -3,6 +3,8 @@
 from adahessian_optax._adahessian import adahessian
 from adahessian_optax._adahessian import scale_by_adahessian
 from adahessian_optax._adahessian import ScaleByAdaHessianState
+from adahessian_optax._compose import masked_value_fn
+from adahessian_optax._compose import unmask_params
 from adahessian_optax._hutchinson import hutchinson_diagonal
 from adahessian_optax._hutchinson import hutchinson_estimator
 from adahessian_optax._hutchinson import HutchinsonResult
@@ -17,6 +19,21 @@ from adahessian_optax._spatial import SpatialRule
 
 __version__ = "0.1.0"
 
+# Loaded on first use so that importing the package does not need flax.
+_FLAX_NAMES = ("nnx_value_fn", "TrainState")
+
+
+def __getattr__(name):
+  if name in _FLAX_NAMES:
+    try:
+      from adahessian_optax import _flax  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ImportError(
+          f"adahessian_optax.{name} needs flax: pip install "
+          "'adahessian-optax[flax]'") from e
+    return getattr(_flax, name)
+  raise AttributeError(f"module 'adahessian_optax' has no attribute {name!r}")
+
 __all__ = (
     "adahessian",
     "block_mean",
@@ -27,9 +44,13 @@ __all__ = (
     "hutchinson_estimator",
     "HutchinsonResult",
     "HutchinsonState",
+    "masked_value_fn",
     "mean_over_axes",
     "MeanOverAxes",
+    "nnx_value_fn",
     "scale_by_adahessian",
     "ScaleByAdaHessianState",
     "SpatialRule",
+    "TrainState",
+    "unmask_params",
 )

@@ -131,6 +131,9 @@ def scale_by_adahessian(
     distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
     axis_name: inside ``pmap``/``shard_map``, the name of the data axis over
       which the estimate is averaged, so replicas stay identical.
+      ``value_fn`` may be the per-device loss or its ``pmean``; the gradient
+      passed as ``updates`` must already be the mean (see the distributed
+      training guide).
     mu_dtype: optional dtype of ``mu``; by default the params' dtype.
 
   Returns:
@@ -255,8 +258,11 @@ def scale_by_adahessian(
           *operands)
 
     old_mu = split.select(state.mu)
+    # The EMA runs in at least float32 (the hyperparameters' dtype), so that
+    # low-precision params stay strict-clean; it is stored in mu_dtype.
+    wide_mu = [m.astype(_tree.at_least_float32(m.dtype)) for m in old_mu]
     mu = optax.tree.update_moment(
-        optax.tree.cast_like(grads, old_mu), old_mu, b1_, 1)
+        optax.tree.cast_like(grads, wide_mu), wide_mu, b1_, 1)
     count_inc = numerics.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1_, _as_float(count_inc, mu))
     nu_hat = optax.tree.bias_correction(

@@ -28,6 +28,8 @@ def check_interval(name: str, value: Any, low: float, high: float, *,
     raise ValueError(f"{name} must be a scalar number, got {value!r}") from e
   if number is None:
     return
+  if isinstance(number, bool) or not isinstance(number, numbers.Real):
+    raise TypeError(f"{name} must be a real scalar number, got {value!r}")
   if not np.isfinite(number):
     raise ValueError(f"{name} must be finite, got {number}")
   below = number <= low if low_open else number < low
@@ -36,6 +38,22 @@ def check_interval(name: str, value: Any, low: float, high: float, *,
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
     raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {number}")
+
+
+def check_decay_precision(name: str, value: Any) -> None:
+  """Raises when a decay rate is an array of a dtype narrower than float32.
+
+  optax.inject_hyperparams stores hyperparameters in the params' dtype by
+  default, and in bfloat16 or float16 a decay such as 0.999 rounds to 1.0.
+  """
+  dtype = getattr(value, "dtype", None)
+  if (dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating)
+      and jax.numpy.finfo(dtype).bits < 32):
+    raise TypeError(
+        f"{name} is a {np.dtype(dtype).name} array; decay rates need at least "
+        "float32 (0.999 rounds to 1.0 in bfloat16). With "
+        "optax.inject_hyperparams and low-precision params, pass "
+        "hyperparam_dtype=jnp.float32.")
 
 
 def check_positive_int(name: str, value: Any, *, allow_traced: bool) -> None:
@@ -57,6 +75,18 @@ def check_positive_int(name: str, value: Any, *, allow_traced: bool) -> None:
     raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
   if value < 1:
     raise ValueError(f"{name} must be an integer >= 1, got {value}")
+
+
+def check_float_dtype(name: str, dtype: Any) -> None:
+  """Raises unless `dtype` is None or names a real floating-point dtype."""
+  if dtype is None:
+    return
+  try:
+    canonical = np.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"{name} must be a floating-point dtype, got {dtype!r}") from e
+  if not jax.numpy.issubdtype(canonical, jax.numpy.floating):
+    raise TypeError(f"{name} must be a floating-point dtype, got {canonical}")
 
 
 def check_value_fn(value_fn: Any, obj_fn: Any, owner: str):

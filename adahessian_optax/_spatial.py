@@ -19,6 +19,7 @@ class SpatialRule:
     """Raises ValueError when the rule does not fit a leaf of `shape`."""
 
   def apply(self, x: jax.Array) -> jax.Array:
+    """Returns `x` with each entry replaced by the mean of its group."""
     raise NotImplementedError
 
 
@@ -226,7 +227,9 @@ def resolve_rules(spec: SpatialAveraging, params: Any) -> list[Optional[SpatialR
         "pytree prefix of params with a rule or None at each node, or a "
         f"function params -> such a pytree. Details: {e}") from e
 
-  rules = jax.tree.leaves(per_leaf, is_leaf=is_rule_leaf)
+  # Not jax.tree.leaves(per_leaf, is_leaf=is_rule_leaf): that would also count
+  # the None nodes of params (empty subtrees) as rules.
+  rules = jax.tree.structure(params).flatten_up_to(per_leaf)
   leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
   if len(rules) != len(leaves_with_path):
     raise ValueError(
@@ -240,5 +243,7 @@ def resolve_rules(spec: SpatialAveraging, params: Any) -> list[Optional[SpatialR
           f"spatial_averaging for the leaf {_path_str(path)} is "
           f"{type(rule).__name__}; expected a SpatialRule (mean_over_axes, "
           "block_mean, conv_window_mean) or None")
+    if not jnp.issubdtype(getattr(leaf, "dtype", jnp.int32), jnp.floating):
+      continue  # only floating-point leaves get an estimate to average
     rule.check(tuple(jnp.shape(leaf)), _path_str(path))
   return rules

@@ -43,14 +43,40 @@ class FloatLeaves(NamedTuple):
     return self.treedef.unflatten(leaves)
 
 
-def check_same_structure(params: Any, other: Any, other_name: str) -> None:
-  """Raises a ValueError naming both structures when they differ."""
+def at_least_float32(dtype: Any) -> Any:
+  """`dtype` when it has 32 bits or more, else float32.
+
+  Unlike `jnp.promote_types`, this does not depend on the dtype promotion mode
+  (under "strict", bfloat16 and float32 have no promotion path).
+  """
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+def check_same_structure(params: Any, other: Any, other_name: str,
+                         hint: str = "") -> None:
+  """Raises a ValueError naming the mismatch when structures or shapes differ.
+
+  Where a leaf of `params` is floating-point, the matching leaf of `other` must
+  be floating-point too (a TypeError otherwise).
+  """
   a = jax.tree.structure(params)
   b = jax.tree.structure(other)
   if a != b:
     raise ValueError(
         f"{other_name} and params must have the same pytree structure; "
-        f"params: {_short(a)}, {other_name}: {_short(b)}")
+        f"params: {_short(a)}, {other_name}: {_short(b)}{hint}")
+  for (path, p), o in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree.leaves(other)):
+    where = jax.tree_util.keystr(path) or "<root>"
+    if jnp.shape(p) != jnp.shape(o):
+      raise ValueError(
+          f"{other_name} and params differ in shape at {where}: params "
+          f"{jnp.shape(p)}, {other_name} {jnp.shape(o)}{hint}")
+    if is_differentiable(p) and not is_differentiable(o):
+      raise TypeError(
+          f"{other_name} at {where} has dtype {jnp.result_type(o)}, but the "
+          f"parameter is floating-point ({jnp.result_type(p)}){hint}")
 
 
 def _short(treedef: Any, limit: int = 300) -> str:
