@@ -110,8 +110,9 @@ def nnx_value_fn(
       lambda path, value: path[:1] == (0,) and in_model(path[1:], value))
   # Pure arrays, so that the snapshot does not follow later in-place updates
   # of the model's variables, and each merge creates fresh variables.
+  graph_kw = {} if graph is None else {"graph": graph}
   graphdef, params, rest = nnx.split(
-      (model, args, kwargs), only_model_params, ..., graph=graph)
+      (model, args, kwargs), only_model_params, ..., **graph_kw)
   params, rest = nnx.as_pure((params, rest))
   if 0 not in params:
     raise ValueError(
