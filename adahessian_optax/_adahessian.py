@@ -127,7 +127,8 @@ def scale_by_adahessian(
       averages Flax convolution kernels over their window and leaves other
       leaves alone.
     update_interval: refresh the Hessian estimate every this many steps.
-    n_samples: Hutchinson probes per refresh, batched with ``vmap``.
+    n_samples: Hutchinson probes per refresh (one primal pass, then one
+      tangent pass per probe).
     distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
     axis_name: inside ``pmap``/``shard_map``, the name of the data axis over
       which the estimate is averaged, so replicas stay identical.
@@ -239,7 +240,7 @@ def scale_by_adahessian(
                 state.key)
     # Hyperparameters as arrays of the params' widest dtype, as
     # optax.inject_hyperparams passes them, so both give identical numbers.
-    hp_dtype = jnp.float64 if _as_float(state.count, nu).dtype == jnp.float64 else jnp.float32
+    hp_dtype = _as_float(state.count, nu).dtype
     b1_, b2_, eps_, power_ = (jnp.asarray(h, hp_dtype)
                               for h in (b1, b2, eps, hessian_power))
     refresh = lambda *ops: refreshed_nu(params, fn, rules, b2_, *ops)
@@ -280,7 +281,8 @@ def scale_by_adahessian(
         nonfinite_hessian_count=nonfinite_count,
         key=key_data,
         mu=split.replace(state.mu, optax.tree.cast_like(mu, old_mu)),
-        nu=split.replace(state.nu, optax.tree.cast_like(nu, split.select(state.nu))),
+        nu=split.replace(state.nu,
+                         optax.tree.cast_like(nu, split.select(state.nu))),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
