@@ -430,7 +430,8 @@ def test_two_processes_match_single_process(tmp_path):
                for i in range(2)]
     for name in results[0]:  # both processes hold the same replicas
       np.testing.assert_array_equal(results[1][name], results[0][name])
-    np.testing.assert_allclose(results[0]["losses"], ref_losses, rtol=1e-5)
+    # float32 losses summed in another order across processes: ~1e-5 apart.
+    np.testing.assert_allclose(results[0]["losses"], ref_losses, rtol=5e-5)
     for name, ref in ref_params.items():
       # Sums in another order, amplified a little by 1/|D|.
       np.testing.assert_allclose(results[0][name], ref, rtol=1e-4, atol=1e-5,
