@@ -181,14 +181,13 @@ def scale_by_adahessian(
         nu=split.replace(optax.tree.zeros_like(params), nu),
     )
 
-  def refreshed_nu(params, fn, rules, b2, nu, hessian_count, nonfinite_count,
-                   key_data):
+  def refreshed_nu(params, split, fn, rules, b2, nu, hessian_count,
+                   nonfinite_count, key_data):
     next_key, probe_key = jax.random.split(
         jax.random.wrap_key_data(key_data, impl=impl))
     estimate = _hutchinson.hutchinson_diagonal(
         fn, params, probe_key, n_samples=n_samples,
         distribution=distribution, axis_name=axis_name).diagonal
-    split = _tree.FloatLeaves.of(params)
     averaged = [
         jnp.abs(d) if rules[i] is None else rules[i].apply(jnp.abs(d))
         for i, d in zip(split.index, split.select(estimate))
@@ -243,7 +242,7 @@ def scale_by_adahessian(
     hp_dtype = _as_float(state.count, nu).dtype
     b1_, b2_, eps_, power_ = (jnp.asarray(h, hp_dtype)
                               for h in (b1, b2, eps, hessian_power))
-    refresh = lambda *ops: refreshed_nu(params, fn, rules, b2_, *ops)
+    refresh = lambda *ops: refreshed_nu(params, split, fn, rules, b2_, *ops)
     if hessian_refresh is None and static_interval and update_interval == 1:
       hessian_refresh = True
     if hessian_refresh is True:

@@ -85,13 +85,10 @@ def _scalar_loss(value_fn: Callable[[Any], Any], params: Any) -> jax.Array:
   return out
 
 
-def _estimate_dtype(dtype: Any) -> Any:
-  return _tree.at_least_float32(dtype)
-
-
 def _times(z: list, hz: list) -> list:
   """z * (H z) per leaf, in at least float32."""
-  return [a.astype(_estimate_dtype(a.dtype)) * b.astype(_estimate_dtype(b.dtype))
+  wide = _tree.at_least_float32
+  return [a.astype(wide(a.dtype)) * b.astype(wide(b.dtype))
           for a, b in zip(z, hz)]
 
 

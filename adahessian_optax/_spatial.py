@@ -6,6 +6,8 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from adahessian_optax import _tree
+
 
 class SpatialRule:
   """Base class of the rules that average a leaf's diagonal estimate.
@@ -197,10 +199,6 @@ def conv_window_mean() -> ConvWindowMean:
 SpatialAveraging = Union[None, SpatialRule, Any, Callable[[Any], Any]]
 
 
-def _path_str(path) -> str:
-  return "".join(str(k) for k in path) or "<root>"
-
-
 def resolve_rules(spec: SpatialAveraging, params: Any) -> list[Optional[SpatialRule]]:
   """Returns one rule (or None) per leaf of `params`, checked against shapes.
 
@@ -230,20 +228,16 @@ def resolve_rules(spec: SpatialAveraging, params: Any) -> list[Optional[SpatialR
   # Not jax.tree.leaves(per_leaf, is_leaf=is_rule_leaf): that would also count
   # the None nodes of params (empty subtrees) as rules.
   rules = jax.tree.structure(params).flatten_up_to(per_leaf)
-  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
-  if len(rules) != len(leaves_with_path):
-    raise ValueError(
-        "spatial_averaging does not match the params tree: it assigns "
-        f"{len(rules)} rules to {len(leaves_with_path)} leaves")
-  for rule, (path, leaf) in zip(rules, leaves_with_path):
+  for rule, (path, leaf) in zip(rules,
+                                jax.tree_util.tree_leaves_with_path(params)):
     if rule is None:
       continue
     if not isinstance(rule, SpatialRule):
       raise TypeError(
-          f"spatial_averaging for the leaf {_path_str(path)} is "
+          f"spatial_averaging for the leaf {_tree.path_str(path)} is "
           f"{type(rule).__name__}; expected a SpatialRule (mean_over_axes, "
           "block_mean, conv_window_mean) or None")
-    if not jnp.issubdtype(getattr(leaf, "dtype", jnp.int32), jnp.floating):
+    if not _tree.is_differentiable(leaf):
       continue  # only floating-point leaves get an estimate to average
-    rule.check(tuple(jnp.shape(leaf)), _path_str(path))
+    rule.check(tuple(jnp.shape(leaf)), _tree.path_str(path))
   return rules

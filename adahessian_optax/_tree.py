@@ -43,6 +43,11 @@ class FloatLeaves(NamedTuple):
     return self.treedef.unflatten(leaves)
 
 
+def path_str(path: Any) -> str:
+  """A key path as in error messages, e.g. "['conv']['kernel']"."""
+  return jax.tree_util.keystr(path) or "<root>"
+
+
 def at_least_float32(dtype: Any) -> Any:
   """`dtype` when it has 32 bits or more, else float32.
 
@@ -68,7 +73,7 @@ def check_same_structure(params: Any, other: Any, other_name: str,
         f"params: {_short(a)}, {other_name}: {_short(b)}{hint}")
   for (path, p), o in zip(jax.tree_util.tree_leaves_with_path(params),
                           jax.tree.leaves(other)):
-    where = jax.tree_util.keystr(path) or "<root>"
+    where = path_str(path)
     if jnp.shape(p) != jnp.shape(o):
       raise ValueError(
           f"{other_name} and params differ in shape at {where}: params "
