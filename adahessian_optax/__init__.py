@@ -1,8 +1,10 @@
 """AdaHessian for Optax: a Hutchinson-preconditioned optimizer for JAX."""
 
 from adahessian_optax._adahessian import adahessian
+from adahessian_optax._adahessian import HessianEstimate
 from adahessian_optax._adahessian import scale_by_adahessian
 from adahessian_optax._adahessian import ScaleByAdaHessianState
+from adahessian_optax._adahessian import value_grad_and_hessian
 from adahessian_optax._compose import masked_value_fn
 from adahessian_optax._compose import unmask_params
 from adahessian_optax._hutchinson import hutchinson_diagonal
@@ -40,6 +42,7 @@ __all__ = (
     "BlockMean",
     "conv_window_mean",
     "ConvWindowMean",
+    "HessianEstimate",
     "hutchinson_diagonal",
     "hutchinson_estimator",
     "HutchinsonResult",
@@ -53,4 +56,5 @@ __all__ = (
     "SpatialRule",
     "TrainState",
     "unmask_params",
+    "value_grad_and_hessian",
 )

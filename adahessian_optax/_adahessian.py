@@ -1,5 +1,6 @@
-"""The AdaHessian transformation and its optax alias."""
+"""The AdaHessian transformation, its optax alias and the fused step helper."""
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -10,6 +11,7 @@ from optax._src import numerics
 from optax._src import utils
 
 from adahessian_optax import _checks
+from adahessian_optax import _compose
 from adahessian_optax import _hutchinson
 from adahessian_optax import _spatial
 from adahessian_optax import _tree
@@ -37,6 +39,31 @@ class ScaleByAdaHessianState(NamedTuple):
   key: jax.Array
   mu: optax.Updates
   nu: optax.Updates
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HessianEstimate:
+  r"""A Hutchinson estimate for one refresh, made by :func:`value_grad_and_hessian`.
+
+  Pass it as ``tx.update(grads, state, params, hessian=estimate)``; the
+  transformation checks that it was made with its own ``n_samples``,
+  ``distribution`` and ``axis_name``.
+
+  Attributes:
+    diagonal: the signed estimate :math:`\frac1S\sum_s z_s \odot H z_s`, a
+      pytree like params (at least float32).
+    n_samples: probes averaged into ``diagonal``.
+    distribution: the probes' distribution.
+    axis_name: the named axis the estimate was averaged over, or ``None``.
+  """
+
+  diagonal: Any
+  n_samples: int = dataclasses.field(metadata={"static": True}, default=1)
+  distribution: str = dataclasses.field(metadata={"static": True},
+                                        default="rademacher")
+  axis_name: Optional[str] = dataclasses.field(metadata={"static": True},
+                                               default=None)
 
 
 def _as_float(count: jax.Array, moments: list) -> jax.Array:
@@ -159,8 +186,8 @@ def scale_by_adahessian(
   _check_hyperparameters(b1, b2, eps, hessian_power, update_interval,
                          n_samples)
   _hutchinson._check_distribution(distribution)  # pylint: disable=protected-access
+  n_samples = int(n_samples)  # a concrete array under inject_hyperparams
   typed_key = _hutchinson.as_key(key, "scale_by_adahessian")
-  impl = jax.random.key_impl(typed_key)
   _checks.check_float_dtype("mu_dtype", mu_dtype)
   mu_dtype = utils.canonicalize_dtype(mu_dtype)
   static_interval = not isinstance(update_interval, jax.Array)
@@ -181,13 +208,10 @@ def scale_by_adahessian(
         nu=split.replace(optax.tree.zeros_like(params), nu),
     )
 
-  def refreshed_nu(params, split, fn, rules, b2, nu, hessian_count,
+  def refreshed_nu(estimate_fn, split, rules, b2, nu, hessian_count,
                    nonfinite_count, key_data):
-    next_key, probe_key = jax.random.split(
-        jax.random.wrap_key_data(key_data, impl=impl))
-    estimate = _hutchinson.hutchinson_diagonal(
-        fn, params, probe_key, n_samples=n_samples,
-        distribution=distribution, axis_name=axis_name).diagonal
+    next_key, probe_key = _hutchinson.split_key_data(key_data)
+    estimate = estimate_fn(probe_key)
     averaged = [
         jnp.abs(d) if rules[i] is None else rules[i].apply(jnp.abs(d))
         for i, d in zip(split.index, split.select(estimate))
@@ -204,17 +228,55 @@ def scale_by_adahessian(
                   hessian_count),
         jnp.where(finite, nonfinite_count,
                   numerics.safe_increment(nonfinite_count)),
-        jax.random.key_data(next_key),
+        next_key,
     )
 
+  def given_estimate(hessian, params, hessian_refresh):
+    if not isinstance(hessian, HessianEstimate):
+      raise TypeError(
+          "hessian must be the HessianEstimate returned by "
+          f"aho.value_grad_and_hessian, got {type(hessian).__name__}")
+    for name, mine in (("n_samples", n_samples), ("distribution", distribution),
+                       ("axis_name", axis_name)):
+      theirs = getattr(hessian, name)
+      if theirs != mine:
+        raise ValueError(
+            f"hessian was estimated with {name}={theirs!r}, but this "
+            f"scale_by_adahessian has {name}={mine!r}; pass {name}={mine!r} "
+            "to value_grad_and_hessian")
+    if hessian_refresh is False or isinstance(hessian_refresh, jax.Array):
+      raise ValueError(
+          "update got hessian= (an estimate to use now) with hessian_refresh="
+          f"{hessian_refresh!r}; a step that is given an estimate refreshes, "
+          "so pass hessian_refresh=True or leave it out, and on steps without "
+          "a refresh pass no hessian")
+    diagonal = hessian.diagonal
+    if _compose.has_masked_node(params):
+      diagonal = _compose.mask_like(params, diagonal)
+    _tree.check_same_structure(
+        params, diagonal, "hessian.diagonal",
+        "; estimate it at the params given to update")
+    return lambda probe_key: diagonal
+
   def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
-                hessian_refresh=None, **extra_args):
+                hessian_refresh=None, hessian=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(
           "scale_by_adahessian.update needs params (the loss closure is "
           "evaluated at them), got None")
-    fn = _checks.check_value_fn(value_fn, obj_fn, "scale_by_adahessian.update")
+    if hessian is not None:
+      estimate_fn = given_estimate(hessian, params, hessian_refresh)
+      hessian_refresh = True
+    elif hessian_refresh is not False:
+      fn = _checks.check_value_fn(value_fn, obj_fn,
+                                  "scale_by_adahessian.update")
+      estimate_fn = lambda probe_key: _hutchinson.estimate(
+          fn, params, probe_key, n_samples=n_samples,
+          distribution=distribution, axis_name=axis_name,
+          probes_first=False).diagonal
+    else:
+      estimate_fn = None  # no refresh: the loss closure is not needed
     _tree.check_same_structure(params, updates, "updates")
     _tree.check_same_structure(
         params, state.mu, "the state's mu",
@@ -242,7 +304,8 @@ def scale_by_adahessian(
     hp_dtype = _as_float(state.count, nu).dtype
     b1_, b2_, eps_, power_ = (jnp.asarray(h, hp_dtype)
                               for h in (b1, b2, eps, hessian_power))
-    refresh = lambda *ops: refreshed_nu(params, split, fn, rules, b2_, *ops)
+    refresh = lambda *ops: refreshed_nu(estimate_fn, split, rules, b2_,
+                                        *ops)
     if hessian_refresh is None and static_interval and update_interval == 1:
       hessian_refresh = True
     if hessian_refresh is True:
@@ -370,3 +433,102 @@ def adahessian(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
+  is_state = lambda x: isinstance(x, ScaleByAdaHessianState)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
+           if is_state(x)]
+  if len(found) != 1:
+    what = "no" if not found else f"{len(found)}"
+    raise ValueError(
+        f"value_grad_and_hessian: opt_state holds {what} "
+        "ScaleByAdaHessianState; pass the state of the optimizer that "
+        "contains exactly one scale_by_adahessian (for several, pass the "
+        "part of the state that belongs to the one being refreshed)")
+  return found[0]
+
+
+def value_grad_and_hessian(
+    value_fn: Callable[[Any], jax.Array],
+    params: Any,
+    opt_state: Any,
+    *,
+    n_samples: int = 1,
+    distribution: str = "rademacher",
+    axis_name: Optional[str] = None,
+) -> tuple[jax.Array, Any, HessianEstimate]:
+  r"""The loss, its gradient and AdaHessian's estimate, from one pass.
+
+  The fused training step: one forward-over-reverse pass
+  ``jax.jvp(jax.grad(value_fn), (params,), (z,))`` yields the gradient
+  :math:`g` (its primal output) and :math:`Hz` (its tangent), so
+
+  .. math::
+    (f(	heta),\ g,\ 	frac1S 	extstyle\sum_s z_s \odot H z_s)
+
+  cost one Hessian-vector product and nothing more. Pass the gradient to
+  ``tx.update`` as the updates and the estimate as ``hessian=``::
+
+    loss, grads, hessian = aho.value_grad_and_hessian(loss_fn, params, state)
+    updates, state = tx.update(grads, state, params, hessian=hessian)
+
+  Computing ``jax.grad`` separately and passing ``value_fn`` to ``update``
+  gives the same numbers, but then the gradient is computed twice unless XLA
+  merges the two copies, which it does not always do (it did not for a
+  Transformer on CPU, nor across ``lax.cond``).
+
+  The probes are those ``update`` would draw: the key comes from the
+  :class:`ScaleByAdaHessianState` found in ``opt_state`` (which must hold
+  exactly one), split as ``update`` splits it, so both ways give the same
+  run. For ``update_interval > 1`` call this on refresh steps only and
+  :func:`jax.value_and_grad` on the others (with ``hessian_refresh=False``).
+
+  Args:
+    value_fn: the loss closure, ``params -> scalar``.
+    params: the params, as given to ``tx.update``.
+    opt_state: the optimizer state (or the part of it that holds the
+      :class:`ScaleByAdaHessianState`).
+    n_samples: probes per estimate: the transformation's ``n_samples``.
+    distribution: the transformation's ``distribution``.
+    axis_name: the transformation's ``axis_name``; the loss, the gradient and
+      the estimate are averaged over it.
+
+  Returns:
+    ``(value, grad, hessian)``: the loss, its gradient (a pytree like params)
+    and a :class:`HessianEstimate` for ``tx.update(..., hessian=hessian)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum(jnp.array([1.0, 1e4]) * (p - 1.0) ** 2)
+    >>> tx = aho.adahessian(learning_rate=0.5, key=0)
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   value, grads, hessian = aho.value_grad_and_hessian(loss, params,
+    ...                                                      state)
+    ...   updates, state = tx.update(grads, state, params, hessian=hessian)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
+    >>> print(jnp.round(params, 3))
+    [1. 1.]
+
+  References:
+    Pearlmutter, `Fast Exact Multiplication by the Hessian
+    <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994.
+  """
+  state = _adahessian_state(opt_state)
+  value_fn = _checks.check_value_fn(value_fn, None, "value_grad_and_hessian")
+  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+  _hutchinson._check_distribution(distribution)  # pylint: disable=protected-access
+  # [...] also unwraps the variables of an nnx.Optimizer's state.
+  _, probe_key = _hutchinson.split_key_data(jnp.asarray(state.key[...]))
+  result = _hutchinson.estimate(
+      value_fn, params, probe_key, n_samples=n_samples,
+      distribution=distribution, axis_name=axis_name, probes_first=True)
+  estimate = HessianEstimate(result.diagonal, n_samples=n_samples,
+                             distribution=distribution, axis_name=axis_name)
+  return result.value, result.grad, estimate

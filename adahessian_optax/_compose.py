@@ -60,6 +60,19 @@ def unmask_params(partial_params: Any, full_params: Any) -> Any:
         f"Details: {e}") from e
 
 
+def mask_like(partial_params: Any, full_tree: Any) -> Any:
+  """`full_tree` with `optax.MaskedNode` where `partial_params` has one."""
+  try:
+    return jax.tree.map(
+        lambda p, f: p if _is_masked(p) else f, partial_params, full_tree,
+        is_leaf=_is_masked)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "the estimate does not match the params tree of the masked "
+        f"transformation (estimate it at the full params). Details: {e}"
+    ) from e
+
+
 def masked_value_fn(value_fn: Callable[[Any], jax.Array],
                     full_params: Any) -> Callable[[Any], jax.Array]:
   r"""Makes a loss closure usable inside ``optax.masked`` / ``optax.partition``.

@@ -190,6 +190,7 @@ class TrainState(train_state.TrainState):
       grads: Any,
       value_fn: Optional[Callable[[Any], jax.Array]] = None,
       hessian_refresh: Optional[bool] = None,
+      hessian: Any = None,
       tx_kwargs: Optional[Mapping[str, Any]] = None,
       **kwargs: Any,
   ) -> "TrainState":
@@ -200,6 +201,8 @@ class TrainState(train_state.TrainState):
       value_fn: the loss closure ``params -> scalar`` for ``tx.update``.
       hessian_refresh: a Python bool for AdaHessian's ``hessian_refresh``
         (mark it static under ``jax.jit``), or ``None``.
+      hessian: the estimate from :func:`value_grad_and_hessian` (the fused
+        step, with ``grads`` from the same call), or ``None``.
       tx_kwargs: further keyword arguments of ``tx.update``.
       **kwargs: fields to replace, as in the parent (e.g. ``batch_stats``).
 
@@ -208,7 +211,8 @@ class TrainState(train_state.TrainState):
     """
     extra = dict(tx_kwargs or {})
     for name, value in (("value_fn", value_fn),
-                        ("hessian_refresh", hessian_refresh)):
+                        ("hessian_refresh", hessian_refresh),
+                        ("hessian", hessian)):
       if value is not None:
         if name in extra:
           raise ValueError(f"{name} was given both directly and in tx_kwargs")

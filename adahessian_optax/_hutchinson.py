@@ -14,19 +14,87 @@ from adahessian_optax import _compose
 from adahessian_optax import _tree
 
 
+def _seed(words: jax.Array) -> jax.Array:
+  """Raw key data as a Philox state: four uint32 words (zero-padded)."""
+  words = words.reshape(-1).astype(jnp.uint32)
+  if words.size < 4:
+    words = jnp.concatenate([words, jnp.zeros(4 - words.size, jnp.uint32)])
+  return words[:4]
+
+
+def random_words(key_data: jax.Array, n: int) -> jax.Array:
+  """`n` random uint32 words from XLA's Philox generator, seeded by key data.
+
+  One RngBitGenerator op. JAX's threefry lowers to a while loop on CPU, and a
+  step with such loops in it lost XLA:CPU's concurrent execution: a small
+  CNN's Hessian pass ran 1.25x slower on two threads with one loop per
+  parameter leaf. Under ``vmap`` each key draws its own words, exactly as in
+  a loop (XLA's own batching rule would use the first key for all).
+  """
+
+  @jax.custom_batching.custom_vmap
+  def words(seed):
+    return jax.lax.rng_bit_generator(
+        seed, (n,), jnp.uint32,
+        algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)[1]
+
+  @words.def_vmap
+  def _(axis_size, in_batched, seeds):  # pylint: disable=unused-argument
+    return jax.lax.map(words, seeds), True
+
+  return words(_seed(key_data))
+
+
+def split_key_data(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(next, probe)`: two new raw keys like `key_data`, from one draw."""
+  size = math.prod(key_data.shape)
+  words = random_words(key_data, 2 * size)
+  return (words[:size].reshape(key_data.shape),
+          words[size:].reshape(key_data.shape))
+
+
+def _signs(key_data: jax.Array, size: int) -> jax.Array:
+  """`size` independent 0/1 bits, 32 from each random word, as uint32."""
+  words = random_words(key_data, -(-size // 32))
+  return ((words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+          ).reshape(-1)[:size]
+
+
 def rademacher(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
   """Independent +-1 entries, 32 of them from each random 32-bit word.
 
   Every bit of the generator's output is a fair coin, so this is exactly
   Rademacher. It draws 32x fewer words than ``jax.random.rademacher`` (one
-  uniform float per entry); on CPU the threefry generator is the cost, and for
-  a 1M-parameter MLP it was more than half a gradient evaluation.
+  uniform float per entry); on CPU the generator is the cost, and for a
+  1M-parameter MLP that was more than half a gradient evaluation.
   """
-  size = math.prod(shape)
-  words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
-  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-  signs = bits.reshape(-1)[:size].reshape(shape).astype(dtype)
-  return 2 * signs - 1
+  bits = _signs(jax.random.key_data(key), math.prod(shape))
+  return 2 * bits.reshape(shape).astype(dtype) - 1
+
+
+def probes(key_data: jax.Array, leaves: list, distribution: str,
+           n_samples: int) -> list:
+  """`n_samples` probes, each a list like `leaves`, from raw key data.
+
+  Rademacher probes all come from a single draw of random bits; Gaussian ones
+  from JAX's threefry, one key per probe and leaf.
+  """
+  if distribution != "rademacher":
+    typed = jax.random.wrap_key_data(_seed(key_data)[:2],
+                                     impl="threefry2x32")
+    return [optax.tree.random_like(k, leaves, _SAMPLERS[distribution])
+            for k in jax.random.split(typed, n_samples)]
+  sizes = [math.prod(x.shape) for x in leaves]
+  bits = _signs(key_data, n_samples * sum(sizes))
+  out, start = [], 0
+  for _ in range(n_samples):
+    z = []
+    for x, size in zip(leaves, sizes):
+      piece = bits[start:start + size].reshape(x.shape).astype(x.dtype)
+      z.append(2 * piece - 1)
+      start += size
+    out.append(z)
+  return out
 
 
 _SAMPLERS = {
@@ -168,9 +236,23 @@ def hutchinson_diagonal(
     raise ValueError("hutchinson_diagonal needs params, got None")
   value_fn = _checks.check_value_fn(value_fn, None, "hutchinson_diagonal")
   _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
-  sampler = _check_distribution(distribution)
+  _check_distribution(distribution)
   key = as_key(key, "hutchinson_diagonal")
+  return estimate(value_fn, params, jax.random.key_data(key),
+                  n_samples=n_samples,
+                  distribution=distribution, axis_name=axis_name,
+                  probes_first=True)
 
+
+def estimate(value_fn, params, key_data, *, n_samples, distribution, axis_name,
+             probes_first):
+  """`hutchinson_diagonal` from raw key data, without the argument checks.
+
+  With `probes_first`, the Hessian pass starts only once the probes are
+  drawn (an optimization barrier); that ordering was faster on XLA:CPU with
+  two threads, but it also keeps XLA from merging the pass's gradient with a
+  separately computed one, so the unfused `update` path does without it.
+  """
   split = _tree.FloatLeaves.of(params)
   leaves = split.select(params)
 
@@ -185,23 +267,19 @@ def hutchinson_diagonal(
     return jax.lax.pmean(value, axis_name)
 
   value_and_grad = jax.value_and_grad(loss_of_leaves)
-
-  def one_probe(probe_key):
-    z = optax.tree.random_like(probe_key, leaves, sampler)
-    (value, grad), (_, hz) = jax.jvp(value_and_grad, (leaves,), (z,))
-    return value, grad, _times(z, hz)
-
-  keys = jax.random.split(key, int(n_samples))
+  zs = probes(key_data, leaves, distribution, n_samples)
+  if probes_first:
+    zs, leaves = jax.lax.optimization_barrier((zs, leaves))
   if n_samples == 1:
-    value, grad, diagonal = one_probe(keys[0])
+    (value, grad), (_, hz) = jax.jvp(value_and_grad, (leaves,), (zs[0],))
+    diagonal = _times(zs[0], hz)
   else:
     # One primal pass, then one tangent pass per probe. On XLA:CPU this beat
     # vmapping the probes (batched tangents got slow layouts: 1.3x the time
     # at n_samples=8) and a reduce over the probe axis (20x slower than adds).
     (value, grad), hvp = jax.linearize(value_and_grad, leaves)
     diagonal = None
-    for probe_key in keys:
-      z = optax.tree.random_like(probe_key, leaves, sampler)
+    for z in zs:
       zhz = _times(z, hvp(z)[1])
       diagonal = zhz if diagonal is None else [
           a + b for a, b in zip(diagonal, zhz)]
@@ -269,7 +347,6 @@ def hutchinson_estimator(
   _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
   _check_distribution(distribution)
   typed = as_key(key, "hutchinson_estimator")
-  impl = jax.random.key_impl(typed)
 
   def init_fn(params):
     del params
@@ -281,12 +358,12 @@ def hutchinson_estimator(
     if params is None:
       raise ValueError("hutchinson_estimator.update needs params, got None")
     fn = _checks.check_value_fn(value_fn, obj_fn, "hutchinson_estimator.update")
-    next_key, probe_key = jax.random.split(
-        jax.random.wrap_key_data(state.key, impl=impl))
-    estimate = hutchinson_diagonal(
+    next_key, probe_key = split_key_data(state.key)
+    diagonal = estimate(
         fn, params, probe_key, n_samples=n_samples,
-        distribution=distribution, axis_name=axis_name).diagonal
-    return (optax.tree.cast_like(estimate, params),
-            HutchinsonState(key=jax.random.key_data(next_key)))
+        distribution=distribution, axis_name=axis_name,
+        probes_first=True).diagonal
+    return (optax.tree.cast_like(diagonal, params),
+            HutchinsonState(key=next_key))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,10 +9,11 @@ and a small Transformer written in Flax:
   step, for ``update_interval`` k = 1..5 with the static ``hessian_refresh``
   pattern (two compiled programs; target: at most 1.05 (1 + (F - 1)/k)), and
   with the plain ``update_interval=k`` (``lax.cond`` at run time);
-* the same with the train steps compiled with
-  ``compiler_options={"xla_disable_hlo_passes": "reshape-mover"}``, which lets
-  XLA merge the gradient with the Hessian pass's own copy of it when the model
-  has a softmax inside (attention; see docs/benchmarks.md);
+* two ways of writing the step: "fused" (the documented one:
+  ``aho.value_grad_and_hessian`` gives the loss, the gradient and the
+  estimate from one jvp-over-grad pass, then ``update(..., hessian=...)``)
+  and "plain" (``jax.grad``, and ``value_fn`` passed to ``update``, where the
+  gradient is computed twice unless XLA merges the copies);
 * ``n_samples`` s = 1, 2, 4, 8 (one primal pass, one tangent pass per probe);
 * the optimizer state's bytes and the compiled step's memory (XLA's
   ``memory_analysis``) against Adam's, and the matmuls/convolutions left in the
@@ -108,10 +109,11 @@ TORCH_OPTIMIZER_VERSION = "0.3.0"
 PAPER_COST = {1: 2.27, 5: 1.25}
 TOLERANCE = 1.05
 TORCH_TARGET = 0.6
-# Compiler options under which XLA's CSE merges the user's gradient with the
-# primal half of jvp(grad) also through softmax (see docs/benchmarks.md).
-NO_RESHAPE_MOVER = {"xla_disable_hlo_passes": "reshape-mover"}
-CONFIGS = {"default": None, "no-reshape-mover": NO_RESHAPE_MOVER}
+# How the AdaHessian train step is written: "fused" (the documented step,
+# aho.value_grad_and_hessian + update(hessian=...)) or "plain" (jax.grad, and
+# the loss closure passed to update, which recomputes the gradient unless XLA
+# merges the two copies).
+STYLES = ("fused", "plain")
 
 # Learning rates small enough that parameters barely move over the run, so
 # every round times the same computation.
@@ -258,18 +260,26 @@ def jax_unit(fn):
   return unit
 
 
-def make_train_step(problem, tx, second_order, compiler_options):
+def make_train_step(problem, tx, style, n_samples=1):
+  """A jitted step; `style` is "adam", "plain" or "fused" (see STYLES)."""
   def step(params, opt_state, batch, refresh=None):
     loss = lambda p: problem.loss(p, batch)
-    grads = jax.grad(loss)(params)
-    if second_order:
-      updates, opt_state = tx.update(grads, opt_state, params, value_fn=loss,
+    if style == "adam":
+      updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    elif style == "plain":
+      updates, opt_state = tx.update(jax.grad(loss)(params), opt_state,
+                                     params, value_fn=loss,
                                      hessian_refresh=refresh)
+    elif refresh is False:
+      updates, opt_state = tx.update(jax.grad(loss)(params), opt_state,
+                                     params, hessian_refresh=False)
     else:
-      updates, opt_state = tx.update(grads, opt_state, params)
+      _, grads, hessian = aho.value_grad_and_hessian(
+          loss, params, opt_state, n_samples=n_samples)
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     hessian=hessian)
     return optax.apply_updates(params, updates), opt_state
-  return jax.jit(step, static_argnames="refresh",
-                 compiler_options=compiler_options)
+  return jax.jit(step, static_argnames="refresh")
 
 
 def threaded(step, params, opt_state, batch, pattern):
@@ -289,43 +299,49 @@ def adahessian(k=1, s=1):
   return aho.adahessian(ADAHESSIAN_LR, key=0, update_interval=k, n_samples=s)
 
 
-def build_jax_variants(problem, batch, config, ks, cond_ks, samples):
-  """Variants named `<what>` (default XLA) or `<what>@<config>`."""
-  options = CONFIGS[config]
-  at = "" if options is None else f"@{config}"
+def build_jax_variants(problem, batch, style, ks, cond_ks, samples):
+  """Variants named `<what>` (fused step) or `<what>@plain`.
+
+  The fused style also builds the shared references (grad, hvp, adam), the
+  `lax.cond` variants (which take the loss closure) and the n_samples ones.
+  """
+  fused = style == "fused"
+  at = "" if fused else f"@{style}"
   params = problem.params
   loss = problem.loss
-  grad_fn = jax.jit(jax.grad(loss), compiler_options=options)
+  grad_fn = jax.jit(jax.grad(loss))
   hvp_fn = jax.jit(lambda p, t, b: jax.jvp(
-      jax.grad(lambda q: loss(q, b)), (p,), (t,)), compiler_options=options)
+      jax.grad(lambda q: loss(q, b)), (p,), (t,)))
   tangent = optax.tree.random_like(jax.random.key(1), params,
                                    jax.random.normal)
-  variants = [
-      Variant("grad" + at, jax_unit(lambda: grad_fn(params, batch))),
-      Variant("hvp" + at, jax_unit(lambda: hvp_fn(params, tangent, batch))),
-  ]
   adam = optax.adam(ADAM_LR)
-  adam_step = make_train_step(problem, adam, False, options)
-  variants.append(Variant("adam" + at, threaded(
-      adam_step, params, adam.init(params), batch, [None])))
+  adam_step = make_train_step(problem, adam, "adam")
+  variants = []
+  if fused:
+    variants += [
+        Variant("grad", jax_unit(lambda: grad_fn(params, batch))),
+        Variant("hvp", jax_unit(lambda: hvp_fn(params, tangent, batch))),
+        Variant("adam", threaded(adam_step, params, adam.init(params), batch,
+                                 [None])),
+    ]
   # One transformation serves every static interval: hessian_refresh decides.
   tx = adahessian()
-  ah_step = make_train_step(problem, tx, True, options)
+  ah_step = make_train_step(problem, tx, style)
   for k in ks:
     pattern = [True] + [False] * (k - 1)
     variants.append(Variant(f"static_k{k}" + at, threaded(
         ah_step, params, tx.init(params), batch, pattern), steps=k))
   for k in cond_ks:
     txk = adahessian(k=k)
-    step_k = make_train_step(problem, txk, True, options)
-    variants.append(Variant(f"cond_k{k}" + at, threaded(
+    step_k = make_train_step(problem, txk, "plain")
+    variants.append(Variant(f"cond_k{k}", threaded(
         step_k, params, txk.init(params), batch, [None] * k), steps=k,
                             every=2))
   for s in samples:
     if s > 1:  # static_k1 is s = 1
       txs = adahessian(s=s)
-      step_s = make_train_step(problem, txs, True, options)
-      variants.append(Variant(f"samples_{s}" + at, threaded(
+      step_s = make_train_step(problem, txs, style, n_samples=s)
+      variants.append(Variant(f"samples_{s}", threaded(
           step_s, params, txs.init(params), batch, [True])))
   programs = {
       "grad": grad_fn.lower(params, batch),
@@ -551,7 +567,7 @@ def ratio(by, a, b):
 
 def over_floor(by, k, at):
   """Median over rounds of (step/Adam) / (1 + (F - 1)/k), F from that round."""
-  names = [f"static_k{k}{at}", "adam" + at, "hvp" + at, "grad" + at]
+  names = [f"static_k{k}{at}", "adam", "hvp", "grad"]
   t = [by[n].times for n in names]
   rounds = set(t[0]).intersection(*t[1:])
   r = np.asarray([(t[0][i] / t[1][i]) / (1 + (t[2][i] / t[3][i] - 1) / k)
@@ -587,7 +603,7 @@ def tables(results, ks, samples, cond_ks, with_torch, threads):
   p("Each cell: cost x Adam, and in brackets that cost over the floor's "
     "1 + (F − 1)/k, taken within each round (target: ≤ 1.05).")
   p("")
-  p("| model | XLA | floor F | " + " | ".join(f"k={k}" for k in ks) + " |")
+  p("| model | step | floor F | " + " | ".join(f"k={k}" for k in ks) + " |")
   p("|" + "---|" * (3 + len(ks)))
   for name, res in results.items():
     for config, c in res["configs"].items():
@@ -605,7 +621,7 @@ def tables(results, ks, samples, cond_ks, with_torch, threads):
   p("| model | " + " | ".join(f"k={k}" for k in cond_ks) + " |")
   p("|" + "---|" * (1 + len(cond_ks)))
   for name, res in results.items():
-    c = res["configs"]["default"]
+    c = res["configs"]["fused"]
     p("| " + " | ".join([name] + [fmt(c["cond"][k]["median"])
                                   for k in cond_ks]) + " |")
   p("")
@@ -616,18 +632,19 @@ def tables(results, ks, samples, cond_ks, with_torch, threads):
     " | ".join(f"T(s={s})/T(1)" for s in big) + " |")
   p("|" + "---|" * (1 + len(samples) + len(big)))
   for name, res in results.items():
-    c = res["configs"]["default"]
+    c = res["configs"]["fused"]
     row = [name] + [fmt(c["samples"][s]["median"]) for s in samples]
     row += [fmt(c["samples_rel"][s]["median"]) for s in big]
     p("| " + " | ".join(row) + " |")
   p("")
   p("### Milliseconds per step (median)")
   p("")
-  cols = ["grad", "hvp", "adam", "static_k1", "static_k1@no-reshape-mover"]
+  cols = ["grad", "hvp", "adam", "static_k1", "static_k1@plain"]
   if with_torch:
     cols += ["torch_adam", "torch_adahessian"]
-  p("| model | " + " | ".join(c.replace("static_k1", "adahessian")
-                             for c in cols) + " |")
+  p("| model | " + " | ".join(
+      c.replace("static_k1@plain", "adahessian (plain)").replace(
+          "static_k1", "adahessian (fused)") for c in cols) + " |")
   p("|" + "---|" * (1 + len(cols)))
   for name, res in results.items():
     p("| " + " | ".join([name] + [fmt(res["ms"].get(c), 1) for c in cols])
@@ -651,7 +668,7 @@ def tables(results, ks, samples, cond_ks, with_torch, threads):
   p("")
   p("### Matmuls + convolutions in the optimized HLO")
   p("")
-  p("| model | XLA | grad | hvp | Adam step | AdaHessian step | "
+  p("| model | step | grad | hvp | Adam step | AdaHessian step | "
     "no-refresh step |")
   p("|---|---|---|---|---|---|---|")
   for name, res in results.items():
@@ -692,7 +709,7 @@ def check_targets(results, ks, samples, with_torch):
     diff = sa["adahessian"] - sa["adam"]
     out.append((f"{name}: optimizer state = Adam's + {diff} bytes",
                 0 <= diff <= 64))
-    c = res["configs"]["default"]
+    c = res["configs"]["fused"]
     for s in samples:
       if s > 1:
         rel = c["samples_rel"][s]["median"]
@@ -719,7 +736,7 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
                            squeeze=False)
   for ax, name in zip(axes[0], names):
     res = results[name]
-    c = res["configs"]["default"]
+    c = res["configs"]["fused"]
     f = c["floor"]["median"]
     kk = np.asarray(ks, float)
     floor_curve = [1 + (f - 1) / k for k in ks]
@@ -727,11 +744,11 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
                     label="floor 1+(F−1)/k … +5%")
     ax.plot(kk, floor_curve, "k--", lw=1)
     ax.plot(kk, [c["static"][k]["median"] for k in ks], "o-",
-            label="static hessian_refresh")
-    if "no-reshape-mover" in res["configs"]:
-      c2 = res["configs"]["no-reshape-mover"]
+            label="fused step (documented)")
+    if "plain" in res["configs"]:
+      c2 = res["configs"]["plain"]
       ax.plot(kk, [c2["static"][k]["median"] for k in ks], "^:",
-              label="same, no reshape-mover")
+              label="plain step (value_fn to update)")
     pk = sorted(PAPER_COST)
     ax.plot(pk, [PAPER_COST[k] for k in pk], "s", color="tab:red",
             label="paper (ResNet32, GPU)")
@@ -751,7 +768,7 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
   if cond_ks:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name in names:
-      c = results[name]["configs"]["default"]
+      c = results[name]["configs"]["fused"]
       line, = ax.plot(cond_ks, [c["cond"][k]["median"] for k in cond_ks],
                       "x:", label=f"{name}: lax.cond")
       ax.plot(cond_ks, [c["static"][k]["median"] for k in cond_ks], "o-",
@@ -770,7 +787,7 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
 
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for name in names:
-    c = results[name]["configs"]["default"]
+    c = results[name]["configs"]["fused"]
     ax.plot(samples, [1.0] + [c["samples_rel"][s]["median"] for s in samples
                               if s > 1], "o-", label=name)
   ax.plot(samples, samples, "k:", label="linear (s separate passes)")
@@ -830,7 +847,7 @@ def main(args):
   tag = args.tag if args.tag is not None else (
       "_1thread" if args.threads == 1 else "")
   clock = time.process_time if args.threads == 1 else time.perf_counter
-  configs = ["default"] if quick else list(CONFIGS)
+  configs = list(STYLES)
 
   if args.torch:
     ensure_torch()
@@ -849,7 +866,7 @@ def main(args):
           f"torch-optimizer {torch_optimizer.__version__}")
   print(f"clock: {'process CPU time' if args.threads == 1 else 'wall'}; "
         f"rounds={rounds}, block={block}s; k={ks}, lax.cond k={cond_ks}, "
-        f"n_samples={samples}; XLA configs {configs}")
+        f"n_samples={samples}; step styles {configs}")
 
   results = {}
   for problem in make_problems(args.models.split(","), quick):
@@ -860,7 +877,7 @@ def main(args):
     variants, programs, heavy = [], {}, {}
     states = None
     for config in configs:
-      default = config == "default"
+      default = config == "fused"
       v, progs, st = build_jax_variants(
           problem, batch, config, ks, cond_ks if default else [],
           samples if default else [1])
@@ -896,12 +913,12 @@ def main(args):
         "heavy_ops": heavy,
     }
     for config in configs:
-      at = "" if config == "default" else f"@{config}"
-      c = {"floor": ratio(by, "hvp" + at, "grad" + at),
-           "static": {k: ratio(by, f"static_k{k}{at}", "adam" + at)
+      at = "" if config == "fused" else f"@{config}"
+      c = {"floor": ratio(by, "hvp", "grad"),
+           "static": {k: ratio(by, f"static_k{k}{at}", "adam")
                       for k in ks},
            "over_floor": {k: over_floor(by, k, at) for k in ks}}
-      if config == "default":
+      if config == "fused":
         c["cond"] = {k: ratio(by, f"cond_k{k}", "adam") for k in cond_ks}
         c["samples"] = {s: ratio(by, "static_k1" if s == 1 else
                                  f"samples_{s}", "adam") for s in samples}
@@ -916,7 +933,7 @@ def main(args):
           "torch_cost": ratio(by, "torch_adahessian", "torch_adam"),
       }
     results[problem.name] = res
-    c = res["configs"]["default"]
+    c = res["configs"]["fused"]
     print(f"  floor {c['floor']['median']:.2f}, k=1 "
           f"{c['static'][1]['median']:.2f}x Adam "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import adahessian_optax as aho
+from adahessian_optax import _hutchinson
 
 # --- A separable loss: its exact Hessian diagonal is known in closed form, so
 # one Rademacher probe is exact and the NumPy reference needs no probes.
@@ -201,7 +202,7 @@ def test_no_curvature_before_first_refresh_means_zero_step():
 
 
 def test_non_separable_with_probes_reproduced_in_numpy(x64):
-  """Probes are drawn from the state key: split, then one key per probe."""
+  """Probes are drawn from the state key: split, then the probe draw."""
   rng = np.random.default_rng(0)
   q = rng.normal(size=(7, 7))
   a = q @ q.T + np.eye(7)
@@ -218,16 +219,15 @@ def test_non_separable_with_probes_reproduced_in_numpy(x64):
   p0 = {k: rng.normal(size=s) for k, s in shapes.items()}
   got, _ = run_optax(tx, loss, p0, 6)
 
-  key = jax.random.key(9)
+  key = jax.random.key_data(jax.random.key(9))
   x = np.concatenate([p0["u"], p0["w"].reshape(-1)])
   m = np.zeros(7)
   v = np.zeros(7)
   for t in range(6):
-    key, probe_key = jax.random.split(key)
+    key, probe_key = _hutchinson.split_key_data(key)
     d = np.zeros(7)
-    for k in jax.random.split(probe_key, n):
-      leaves = [jnp.zeros(shapes["u"]), jnp.zeros(shapes["w"])]
-      z = optax.tree.random_like(k, leaves, jax.random.normal)
+    leaves = [jnp.zeros(shapes["u"]), jnp.zeros(shapes["w"])]
+    for z in _hutchinson.probes(probe_key, leaves, "gaussian", n):
       z = np.concatenate([np.asarray(z[0]), np.asarray(z[1]).reshape(-1)])
       d += z * (a @ z) / n
     g = a @ x + b
@@ -437,3 +437,133 @@ def test_rosenbrock_converges(x64):
                                            length=5000))()
   np.testing.assert_allclose(x, [1.0, 1.0], atol=1e-3)
   assert rosenbrock(x) < 1e-6
+
+
+# --- The fused step: value_grad_and_hessian + update(hessian=...).
+
+
+def _fused_problem():
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(9, 9))
+  a = jnp.asarray(q @ q.T / 9 + np.eye(9), jnp.float32)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+
+  def loss(p):
+    x = jnp.concatenate([p["w"].reshape(-1), p["b"]])
+    return 0.5 * x @ a @ x + jnp.sum(jnp.sin(x))
+  return params, loss
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(), [True] * 5),
+    (dict(update_interval=3), [True, False, False, True, False]),
+    (dict(n_samples=3), [True] * 4),
+    (dict(distribution="gaussian", n_samples=2), [True] * 4),
+])
+def test_fused_step_gives_the_plain_step_s_numbers(kwargs, pattern):
+  params, loss = _fused_problem()
+  samples = dict(n_samples=kwargs.get("n_samples", 1),
+                 distribution=kwargs.get("distribution", "rademacher"))
+  tx = optax.chain(optax.clip_by_global_norm(5.0),
+                   aho.adahessian(0.1, key=jax.random.key(5), **kwargs))
+
+  @functools.partial(jax.jit, static_argnames="refresh")
+  def plain(p, s, refresh):
+    u, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss,
+                     hessian_refresh=refresh)
+    return optax.apply_updates(p, u), s
+
+  @functools.partial(jax.jit, static_argnames="refresh")
+  def fused(p, s, refresh):
+    if not refresh:
+      u, s = tx.update(jax.grad(loss)(p), s, p, hessian_refresh=False)
+      return optax.apply_updates(p, u), s
+    _, g, h = aho.value_grad_and_hessian(loss, p, s, **samples)
+    u, s = tx.update(g, s, p, hessian=h)
+    return optax.apply_updates(p, u), s
+
+  pa, sa = params, tx.init(params)
+  pb, sb = params, tx.init(params)
+  for refresh in pattern:
+    pa, sa = plain(pa, sa, refresh)
+    pb, sb = fused(pb, sb, refresh)
+    for x, y in zip(jax.tree.leaves((pa, sa)), jax.tree.leaves((pb, sb))):
+      np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+  assert int(sb[1][0].hessian_count) == sum(pattern)
+  assert _max_diff(pb, params) > 0.1
+
+
+def _max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_value_grad_and_hessian_against_jax_hessian():
+  params, loss = _fused_problem()
+  tx = aho.scale_by_adahessian(key=2)
+  state = tx.init(params)
+  value, grad, hessian = aho.value_grad_and_hessian(loss, params, state,
+                                                    n_samples=2)
+  np.testing.assert_allclose(value, loss(params), rtol=1e-6)
+  for k in params:
+    np.testing.assert_allclose(grad[k], jax.grad(loss)(params)[k], rtol=1e-5)
+  flat = lambda t: jnp.concatenate([t["w"].reshape(-1), t["b"]])
+  h = np.asarray(jax.hessian(lambda x: loss(
+      {"w": x[:6].reshape(3, 2), "b": x[6:]}))(flat(params)), np.float64)
+  _, probe_key = _hutchinson.split_key_data(state.key)
+  want = 0.0
+  for z in _hutchinson.probes(probe_key, [params["b"], params["w"]],
+                              "rademacher", 2):
+    z = np.concatenate([np.asarray(z[1]).reshape(-1), np.asarray(z[0])])
+    want = want + z * (h @ z) / 2
+  np.testing.assert_allclose(flat(hessian.diagonal), want, rtol=1e-4,
+                             atol=1e-5)
+  assert hessian.n_samples == 2 and hessian.distribution == "rademacher"
+
+
+def test_fused_step_under_inject_hyperparams_and_masked():
+  params, loss = _fused_problem()
+  inner = optax.inject_hyperparams(aho.adahessian)(learning_rate=0.1, key=1)
+  tx = optax.masked(inner, {"w": True, "b": False})
+  state = tx.init(params)
+  _, g, h = aho.value_grad_and_hessian(loss, params, state)
+  u, _ = tx.update(g, state, params, hessian=h)
+  # First step: m_hat = g and v_hat = D^2 with D = |diagonal| (a dense
+  # kernel is not averaged), so u = -lr g / (|D| + eps) on the unmasked leaf.
+  want = -0.1 * np.asarray(g["w"]) / (np.abs(np.asarray(h.diagonal["w"]))
+                                      + 1e-4)
+  np.testing.assert_allclose(u["w"], want, rtol=1e-5)
+  np.testing.assert_array_equal(u["b"], g["b"])  # masked out: passed through
+
+
+def test_fused_step_errors_name_the_problem():
+  params, loss = _fused_problem()
+  tx = aho.scale_by_adahessian(key=0)
+  state = tx.init(params)
+  _, g, h = aho.value_grad_and_hessian(loss, params, state)
+  with pytest.raises(ValueError, match="n_samples=1, but .* has n_samples=3"):
+    aho.scale_by_adahessian(key=0, n_samples=3).update(g, state, params,
+                                                        hessian=h)
+  with pytest.raises(ValueError, match="distribution='gaussian'"):
+    aho.scale_by_adahessian(key=0, distribution="gaussian").update(
+        g, state, params, hessian=h)
+  with pytest.raises(ValueError, match="hessian_refresh=False"):
+    tx.update(g, state, params, hessian=h, hessian_refresh=False)
+  with pytest.raises(ValueError, match="hessian_refresh=Array"):
+    tx.update(g, state, params, hessian=h, hessian_refresh=jnp.array(True))
+  with pytest.raises(TypeError, match="HessianEstimate.*got dict"):
+    tx.update(g, state, params, hessian=g)
+  with pytest.raises(ValueError, match="hessian.diagonal and params"):
+    tx.update(g, state, params,
+              hessian=aho.HessianEstimate({"w": g["w"]}))
+  with pytest.raises(ValueError, match="holds no ScaleByAdaHessianState"):
+    aho.value_grad_and_hessian(loss, params, optax.adam(1.0).init(params))
+  two = (state, state)
+  with pytest.raises(ValueError, match="holds 2 ScaleByAdaHessianState"):
+    aho.value_grad_and_hessian(loss, params, two)
+  with pytest.raises(ValueError, match="needs the loss closure"):
+    tx.update(g, state, params)  # neither hessian nor value_fn
+  # Without a refresh, no closure is needed.
+  u, s = tx.update(g, state, params, hessian_refresh=False)
+  assert int(s.hessian_count) == 0

@@ -395,3 +395,56 @@ def test_import_without_flax():
   result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
+
+
+def test_fused_step_in_nnx_and_linen_matches_the_plain_step():
+  # NNX: the closure over the model's state, fused and plain, on a model
+  # without mutable state (so both steps see the same function).
+  def run(fused):
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    x, y = jnp.ones((8, 4)) * jnp.arange(4.0), jnp.arange(8) % 3
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(
+        m(x), y).mean()
+    optimizer = nnx.Optimizer(model, aho.adahessian(0.1, key=1),
+                              wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+      value_fn = aho.nnx_value_fn(loss_fn, model)
+      if fused:
+        params = nnx.state(model, nnx.Param)
+        _, grads, hessian = aho.value_grad_and_hessian(
+            value_fn, params, optimizer.opt_state)
+        optimizer.update(model, grads, hessian=hessian)
+      else:
+        grads = nnx.grad(loss_fn)(model)
+        optimizer.update(model, grads, value_fn=value_fn)
+
+    for _ in range(3):
+      step(model, optimizer)
+    return nnx.state(model, nnx.Param), loss_fn(model)
+
+  (fused_params, fused_loss), (plain_params, plain_loss) = run(True), run(False)
+  _allclose(fused_params, plain_params, rtol=1e-5, atol=1e-6)
+  assert float(fused_loss) == pytest.approx(float(plain_loss), rel=1e-5)
+  init = nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Param)
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(fused_params), jax.tree.leaves(init))]
+  assert max(moved) > 0.05
+
+  # Linen: aho.TrainState forwards hessian= like value_fn.
+  tx = aho.adahessian(0.1, key=3)
+  model = nn.Dense(2)
+  x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+  state = aho.TrainState.create(
+      apply_fn=model.apply, params=model.init(jax.random.key(0), x)["params"],
+      tx=tx)
+  loss = lambda p: jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
+  _, grads, hessian = aho.value_grad_and_hessian(loss, state.params,
+                                                 state.opt_state)
+  fused = state.apply_gradients(grads=grads, hessian=hessian)
+  plain = state.apply_gradients(grads=jax.grad(loss)(state.params),
+                                value_fn=loss)
+  _allclose(fused.params, plain.params, rtol=1e-6, atol=1e-7)
+  _allclose(fused.opt_state, plain.opt_state, rtol=1e-6, atol=1e-7)
+  assert int(fused.opt_state[0].hessian_count) == 1

@@ -19,10 +19,15 @@ def test_entries_are_plus_minus_one_with_shape_and_dtype(shape, dtype):
 
 
 def test_entries_are_the_bits_of_the_random_words():
-  # Independent re-derivation: entry i is bit (i mod 32) of word i // 32.
+  # Independent re-derivation: entry i is bit (i mod 32) of word i // 32 of
+  # XLA's Philox stream, whose state is the key's data padded to four words.
   key = jax.random.key(3)
   z = np.asarray(_hutchinson.rademacher(key, (100,), jnp.float32))
-  words = np.asarray(jax.random.bits(key, (4,), jnp.uint32))
+  seed = np.zeros(4, np.uint32)
+  seed[:2] = np.asarray(jax.random.key_data(key))
+  words = np.asarray(jax.lax.rng_bit_generator(
+      jnp.asarray(seed), (4,), jnp.uint32,
+      algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)[1])
   bits = (words[np.arange(100) // 32] >> (np.arange(100) % 32).astype(np.uint32)) & 1
   np.testing.assert_array_equal(z, 2.0 * bits - 1.0)
 
@@ -47,3 +52,29 @@ def test_keys_give_different_probes_and_vmap_matches_loop():
     np.testing.assert_array_equal(
         batched[i], _hutchinson.rademacher(k, (70,), jnp.float32))
   assert not np.array_equal(batched[0], batched[1])
+
+
+def test_probes_of_several_leaves_and_samples_are_one_stream_in_order():
+  leaves = [jnp.zeros((3, 5)), jnp.zeros((7,), jnp.bfloat16), jnp.zeros(())]
+  key_data = jax.random.key_data(jax.random.key(4))
+  got = _hutchinson.probes(key_data, leaves, "rademacher", 3)
+  flat = np.asarray(_hutchinson.rademacher(jax.random.key(4), (3 * 23,),
+                                           jnp.float32))
+  start = 0
+  for z in got:
+    for leaf, piece in zip(leaves, z):
+      assert piece.shape == leaf.shape and piece.dtype == leaf.dtype
+      np.testing.assert_array_equal(
+          np.asarray(piece, np.float32).reshape(-1),
+          flat[start:start + leaf.size])
+      start += leaf.size
+  assert start == flat.size
+
+
+def test_split_key_data_gives_new_distinct_keys_of_the_same_shape():
+  for key in (jax.random.key(0), jax.random.key(0, impl="rbg")):
+    data = jax.random.key_data(key)
+    nxt, probe = _hutchinson.split_key_data(data)
+    assert nxt.shape == probe.shape == data.shape
+    assert nxt.dtype == probe.dtype == jnp.uint32
+    assert len({tuple(np.asarray(x).tolist()) for x in (data, nxt, probe)}) == 3
