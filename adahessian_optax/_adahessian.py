@@ -465,7 +465,7 @@ def value_grad_and_hessian(
   :math:`g` (its primal output) and :math:`Hz` (its tangent), so
 
   .. math::
-    (f(	heta),\ g,\ 	frac1S 	extstyle\sum_s z_s \odot H z_s)
+    (f(\theta),\ g,\ \tfrac1S \textstyle\sum_s z_s \odot H z_s)
 
   cost one Hessian-vector product and nothing more. Pass the gradient to
   ``tx.update`` as the updates and the estimate as ``hessian=``::
@@ -521,9 +521,8 @@ def value_grad_and_hessian(
     <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994.
   """
   state = _adahessian_state(opt_state)
-  value_fn = _checks.check_value_fn(value_fn, None, "value_grad_and_hessian")
-  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
-  _hutchinson._check_distribution(distribution)  # pylint: disable=protected-access
+  value_fn = _hutchinson.check_estimate_args(
+      "value_grad_and_hessian", value_fn, params, n_samples, distribution)
   # [...] also unwraps the variables of an nnx.Optimizer's state.
   _, probe_key = _hutchinson.split_key_data(jnp.asarray(state.key[...]))
   result = _hutchinson.estimate(

@@ -53,7 +53,7 @@ def split_key_data(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
           words[size:].reshape(key_data.shape))
 
 
-def _signs(key_data: jax.Array, size: int) -> jax.Array:
+def _bits(key_data: jax.Array, size: int) -> jax.Array:
   """`size` independent 0/1 bits, 32 from each random word, as uint32."""
   words = random_words(key_data, -(-size // 32))
   return ((words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
@@ -68,7 +68,7 @@ def rademacher(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
   uniform float per entry); on CPU the generator is the cost, and for a
   1M-parameter MLP that was more than half a gradient evaluation.
   """
-  bits = _signs(jax.random.key_data(key), math.prod(shape))
+  bits = _bits(jax.random.key_data(key), math.prod(shape))
   return 2 * bits.reshape(shape).astype(dtype) - 1
 
 
@@ -85,7 +85,7 @@ def probes(key_data: jax.Array, leaves: list, distribution: str,
     return [optax.tree.random_like(k, leaves, _SAMPLERS[distribution])
             for k in jax.random.split(typed, n_samples)]
   sizes = [math.prod(x.shape) for x in leaves]
-  bits = _signs(key_data, n_samples * sum(sizes))
+  bits = _bits(key_data, n_samples * sum(sizes))
   out, start = [], 0
   for _ in range(n_samples):
     z = []
@@ -134,6 +134,17 @@ def _check_distribution(distribution: str) -> Callable[..., jax.Array]:
     raise ValueError(
         f"distribution must be one of {sorted(_SAMPLERS)}, got {distribution!r}")
   return _SAMPLERS[distribution]
+
+
+def check_estimate_args(owner: str, value_fn: Any, params: Any,
+                        n_samples: Any, distribution: str):
+  """Checks the arguments of an estimate; returns the loss closure."""
+  if params is None:
+    raise ValueError(f"{owner} needs params, got None")
+  value_fn = _checks.check_value_fn(value_fn, None, owner)
+  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+  _check_distribution(distribution)
+  return value_fn
 
 
 def _scalar_loss(value_fn: Callable[[Any], Any], params: Any) -> jax.Array:
@@ -232,11 +243,8 @@ def hutchinson_diagonal(
     Bekas, Kokiopoulou and Saad, `An estimator for the diagonal of a matrix
     <https://doi.org/10.1016/j.apnum.2007.01.003>`_, 2007.
   """
-  if params is None:
-    raise ValueError("hutchinson_diagonal needs params, got None")
-  value_fn = _checks.check_value_fn(value_fn, None, "hutchinson_diagonal")
-  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
-  _check_distribution(distribution)
+  value_fn = check_estimate_args("hutchinson_diagonal", value_fn, params,
+                                 n_samples, distribution)
   key = as_key(key, "hutchinson_diagonal")
   return estimate(value_fn, params, jax.random.key_data(key),
                   n_samples=n_samples,
@@ -251,7 +259,9 @@ def estimate(value_fn, params, key_data, *, n_samples, distribution, axis_name,
   With `probes_first`, the Hessian pass starts only once the probes are
   drawn (an optimization barrier); that ordering was faster on XLA:CPU with
   two threads, but it also keeps XLA from merging the pass's gradient with a
-  separately computed one, so the unfused `update` path does without it.
+  separately computed one, so the paths that run inside `update` beside the
+  user's own gradient (AdaHessian's plain call, Sophia's estimator) do
+  without it.
   """
   split = _tree.FloatLeaves.of(params)
   leaves = split.select(params)
@@ -362,7 +372,7 @@ def hutchinson_estimator(
     diagonal = estimate(
         fn, params, probe_key, n_samples=n_samples,
         distribution=distribution, axis_name=axis_name,
-        probes_first=True).diagonal
+        probes_first=False).diagonal
     return (optax.tree.cast_like(diagonal, params),
             HutchinsonState(key=next_key))
 
