@@ -260,7 +260,7 @@ def jax_unit(fn):
   return unit
 
 
-def make_train_step(problem, tx, style, n_samples=1):
+def make_train_step(problem, tx, style, n_samples=1, compiler_options=None):
   """A jitted step; `style` is "adam", "plain" or "fused" (see STYLES)."""
   def step(params, opt_state, batch, refresh=None):
     loss = lambda p: problem.loss(p, batch)
@@ -279,7 +279,8 @@ def make_train_step(problem, tx, style, n_samples=1):
       updates, opt_state = tx.update(grads, opt_state, params,
                                      hessian=hessian)
     return optax.apply_updates(params, updates), opt_state
-  return jax.jit(step, static_argnames="refresh")
+  return jax.jit(step, static_argnames="refresh",
+                 compiler_options=compiler_options)
 
 
 def threaded(step, params, opt_state, batch, pattern):
@@ -859,7 +860,8 @@ def main(args):
   print(f"jax {jax.__version__}, optax {optax.__version__}, flax "
         f"{importlib_version('flax')}, adahessian_optax {aho.__version__}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"affinity {sorted(os.sched_getaffinity(0))}")
+        f"affinity {sorted(os.sched_getaffinity(0))}; XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r}")
   if args.torch:
     print(f"torch {torch.__version__} ({args.threads} thread(s), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
