@@ -12,6 +12,8 @@ from flax import nnx
 from flax.nnx import filterlib
 from flax.training import train_state
 
+from adahessian_optax import _tree
+
 
 def nnx_value_fn(
     loss_fn: Callable[..., Any],
@@ -126,7 +128,8 @@ def nnx_value_fn(
       raise ValueError(
           "the params given to the NNX loss closure do not match the "
           f"model's wrt={wrt!r} state (use the same wrt as nnx.Optimizer): "
-          f"expected {_short(expected)}, got {_short(jax.tree.structure(p))}")
+          f"expected {_tree.short_treedef(expected)}, got "
+          f"{_tree.short_treedef(jax.tree.structure(p))}")
     model_copy, args_copy, kwargs_copy = nnx.merge(
         graphdef, nnx.State({0: p}), rest)
     out = loss_fn(model_copy, *args_copy, **kwargs_copy)
@@ -139,11 +142,6 @@ def nnx_value_fn(
     return out
 
   return value_fn
-
-
-def _short(treedef: Any, limit: int = 300) -> str:
-  text = str(treedef)
-  return text if len(text) <= limit else text[:limit] + "..."
 
 
 class TrainState(train_state.TrainState):

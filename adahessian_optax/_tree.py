@@ -70,7 +70,7 @@ def check_same_structure(params: Any, other: Any, other_name: str,
   if a != b:
     raise ValueError(
         f"{other_name} and params must have the same pytree structure; "
-        f"params: {_short(a)}, {other_name}: {_short(b)}{hint}")
+        f"params: {short_treedef(a)}, {other_name}: {short_treedef(b)}{hint}")
   for (path, p), o in zip(jax.tree_util.tree_leaves_with_path(params),
                           jax.tree.leaves(other)):
     where = path_str(path)
@@ -84,6 +84,6 @@ def check_same_structure(params: Any, other: Any, other_name: str,
           f"parameter is floating-point ({jnp.result_type(p)}){hint}")
 
 
-def _short(treedef: Any, limit: int = 300) -> str:
+def short_treedef(treedef: Any, limit: int = 300) -> str:
   text = str(treedef)
   return text if len(text) <= limit else text[:limit] + "..."

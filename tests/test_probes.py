@@ -8,11 +8,18 @@ import pytest
 from adahessian_optax import _hutchinson
 
 
+def rademacher(key, shape, dtype):
+  """One Rademacher probe for a single leaf, as the estimators draw it."""
+  leaf = jnp.zeros(shape, dtype)
+  return _hutchinson.probes(jax.random.key_data(key), [leaf], "rademacher",
+                            1)[0][0]
+
+
 @pytest.mark.parametrize("shape", [(), (1,), (31,), (33,), (7, 5), (3, 3, 2, 4),
                                    (0,), (4, 0)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_entries_are_plus_minus_one_with_shape_and_dtype(shape, dtype):
-  z = _hutchinson.rademacher(jax.random.key(0), shape, dtype)
+  z = rademacher(jax.random.key(0), shape, dtype)
   assert z.shape == shape
   assert z.dtype == dtype
   assert set(np.unique(np.asarray(z, np.float32)).tolist()) <= {-1.0, 1.0}
@@ -22,7 +29,7 @@ def test_entries_are_the_bits_of_the_random_words():
   # Independent re-derivation: entry i is bit (i mod 32) of word i // 32 of
   # XLA's Philox stream, whose state is the key's data padded to four words.
   key = jax.random.key(3)
-  z = np.asarray(_hutchinson.rademacher(key, (100,), jnp.float32))
+  z = np.asarray(rademacher(key, (100,), jnp.float32))
   seed = np.zeros(4, np.uint32)
   seed[:2] = np.asarray(jax.random.key_data(key))
   words = np.asarray(jax.lax.rng_bit_generator(
@@ -34,7 +41,7 @@ def test_entries_are_the_bits_of_the_random_words():
 
 def test_fair_and_uncorrelated():
   n = 1 << 18
-  z = np.asarray(_hutchinson.rademacher(jax.random.key(1), (n,), jnp.float32))
+  z = np.asarray(rademacher(jax.random.key(1), (n,), jnp.float32))
   bound = 5.0 / np.sqrt(n)  # five standard deviations of a mean of n signs
   assert abs(z.mean()) < bound
   # Neighbours share a word; entries 32 apart share a bit position.
@@ -47,10 +54,10 @@ def test_fair_and_uncorrelated():
 
 def test_keys_give_different_probes_and_vmap_matches_loop():
   keys = jax.random.split(jax.random.key(2), 3)
-  batched = jax.vmap(lambda k: _hutchinson.rademacher(k, (70,), jnp.float32))(keys)
+  batched = jax.vmap(lambda k: rademacher(k, (70,), jnp.float32))(keys)
   for i, k in enumerate(keys):
     np.testing.assert_array_equal(
-        batched[i], _hutchinson.rademacher(k, (70,), jnp.float32))
+        batched[i], rademacher(k, (70,), jnp.float32))
   assert not np.array_equal(batched[0], batched[1])
 
 
@@ -58,7 +65,7 @@ def test_probes_of_several_leaves_and_samples_are_one_stream_in_order():
   leaves = [jnp.zeros((3, 5)), jnp.zeros((7,), jnp.bfloat16), jnp.zeros(())]
   key_data = jax.random.key_data(jax.random.key(4))
   got = _hutchinson.probes(key_data, leaves, "rademacher", 3)
-  flat = np.asarray(_hutchinson.rademacher(jax.random.key(4), (3 * 23,),
+  flat = np.asarray(rademacher(jax.random.key(4), (3 * 23,),
                                            jnp.float32))
   start = 0
   for z in got:
