@@ -733,6 +733,13 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
   paths = []
   clock = "CPU time, 1 core" if threads == 1 else "wall time, 2 threads"
 
+  def save(fig, stem):
+    fig.tight_layout()
+    path = os.path.join(image_dir, f"{stem}{tag}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
   fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 3.8),
                            squeeze=False)
   for ax, name in zip(axes[0], names):
@@ -760,11 +767,7 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
     ax.set_ylim(bottom=0.8)
     ax.legend(fontsize=7)
   fig.suptitle(f"AdaHessian cost per step x Adam ({clock})", fontsize=10)
-  fig.tight_layout()
-  path = os.path.join(image_dir, f"bench_interval{tag}.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  paths.append(path)
+  save(fig, "bench_interval")
 
   if cond_ks:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -780,11 +783,7 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
     ax.set_ylabel("time per step / Adam's (log)")
     ax.set_title(f"lax.cond vs two compiled programs ({clock})", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = os.path.join(image_dir, f"bench_cond{tag}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "bench_cond")
 
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for name in names:
@@ -801,11 +800,7 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
   ax.set_title(f"One primal pass, one tangent pass per probe ({clock})",
                fontsize=9)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = os.path.join(image_dir, f"bench_samples{tag}.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  paths.append(path)
+  save(fig, "bench_samples")
 
   if with_torch:
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
@@ -823,11 +818,7 @@ def plot(results, ks, samples, cond_ks, with_torch, image_dir, tag, threads):
     ax.set_ylabel("ms per step (median, log)")
     ax.set_title(f"Same models and batches, CPU ({clock})", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(image_dir, f"bench_torch{tag}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "bench_torch")
   return paths
 
 
