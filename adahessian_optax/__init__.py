@@ -1,16 +1,17 @@
 """AdaHessian for Optax: a Hutchinson-preconditioned optimizer for JAX."""
 
 from adahessian_optax._adahessian import adahessian
-from adahessian_optax._adahessian import HessianEstimate
+from adahessian_optax._adahessian import PerformanceWarning
 from adahessian_optax._adahessian import scale_by_adahessian
 from adahessian_optax._adahessian import ScaleByAdaHessianState
-from adahessian_optax._adahessian import value_grad_and_hessian
 from adahessian_optax._compose import masked_value_fn
 from adahessian_optax._compose import unmask_params
+from adahessian_optax._hutchinson import HessianEstimate
 from adahessian_optax._hutchinson import hutchinson_diagonal
 from adahessian_optax._hutchinson import hutchinson_estimator
 from adahessian_optax._hutchinson import HutchinsonResult
 from adahessian_optax._hutchinson import HutchinsonState
+from adahessian_optax._hutchinson import value_grad_and_hessian
 from adahessian_optax._spatial import block_mean
 from adahessian_optax._spatial import BlockMean
 from adahessian_optax._spatial import conv_window_mean
@@ -19,7 +20,7 @@ from adahessian_optax._spatial import mean_over_axes
 from adahessian_optax._spatial import MeanOverAxes
 from adahessian_optax._spatial import SpatialRule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Loaded on first use so that importing the package does not need flax.
 _FLAX_NAMES = ("nnx_value_fn", "TrainState")
@@ -51,6 +52,7 @@ __all__ = (
     "mean_over_axes",
     "MeanOverAxes",
     "nnx_value_fn",
+    "PerformanceWarning",
     "scale_by_adahessian",
     "ScaleByAdaHessianState",
     "SpatialRule",

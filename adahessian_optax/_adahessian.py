@@ -1,22 +1,26 @@
-"""The AdaHessian transformation, its optax alias and the fused step helper."""
+"""The AdaHessian transformation and its optax alias."""
 
-import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
+import warnings
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import optax
 import optax.tree
-from optax._src import numerics
-from optax._src import utils
 
 from adahessian_optax import _checks
 from adahessian_optax import _compose
 from adahessian_optax import _hutchinson
+from adahessian_optax import _probes
 from adahessian_optax import _spatial
 from adahessian_optax import _tree
 
 _DEFAULT_SPATIAL = _spatial.conv_window_mean()
+
+
+class PerformanceWarning(UserWarning):
+  """A configuration that runs slower than it could on this backend."""
 
 
 class ScaleByAdaHessianState(NamedTuple):
@@ -27,7 +31,8 @@ class ScaleByAdaHessianState(NamedTuple):
     hessian_count: number of Hessian refreshes (bias correction of ``nu``).
     nonfinite_hessian_count: number of refreshes whose estimate was not finite
       and was discarded.
-    key: raw data of the probe key, split at every refresh.
+    estimator: the :class:`HutchinsonState` of the estimator (its key, split
+      at every refresh, and its configuration).
     mu: EMA of the gradient.
     nu: EMA of the squared, spatially averaged absolute Hessian diagonal (at
       least float32).
@@ -36,34 +41,211 @@ class ScaleByAdaHessianState(NamedTuple):
   count: jax.Array
   hessian_count: jax.Array
   nonfinite_hessian_count: jax.Array
-  key: jax.Array
+  estimator: _hutchinson.HutchinsonState
   mu: optax.Updates
   nu: optax.Updates
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class HessianEstimate:
-  r"""A Hutchinson estimate for one refresh, made by :func:`value_grad_and_hessian`.
+class _Curvature(NamedTuple):
+  """The part of the state that a Hessian refresh changes."""
 
-  Pass it as ``tx.update(grads, state, params, hessian=estimate)``; the
-  transformation checks that it was made with its own ``n_samples``,
-  ``distribution`` and ``axis_name``.
+  nu: list
+  hessian_count: jax.Array
+  nonfinite_hessian_count: jax.Array
+  estimator: _hutchinson.HutchinsonState
 
-  Attributes:
-    diagonal: the signed estimate :math:`\frac1S\sum_s z_s \odot H z_s`, a
-      pytree like params (at least float32).
-    n_samples: probes averaged into ``diagonal``.
-    distribution: the probes' distribution.
-    axis_name: the named axis the estimate was averaged over, or ``None``.
+
+def _resolve_estimator(estimator, key, n_samples, distribution, axis_name):
+  """The estimator, given whole or built from the 0.1 keyword arguments."""
+  loose = {"key": key, "n_samples": n_samples, "distribution": distribution,
+           "axis_name": axis_name}
+  if estimator is None:
+    _probes.key_data(key, "scale_by_adahessian")  # a missing key is named here
+    return _hutchinson.hutchinson_estimator(
+        key, n_samples=1 if n_samples is None else n_samples,
+        distribution="rademacher" if distribution is None else distribution,
+        axis_name=axis_name)
+  given = sorted(name for name, value in loose.items() if value is not None)
+  if given:
+    raise ValueError(
+        f"scale_by_adahessian got estimator= and also {', '.join(given)}; "
+        "the estimator holds its key, n_samples, distribution and axis_name: "
+        "set them in aho.hutchinson_estimator(...) only")
+  if not isinstance(estimator, optax.GradientTransformation):
+    raise TypeError(
+        "estimator must be aho.hutchinson_estimator(...), got "
+        f"{type(estimator).__name__}")
+  return estimator
+
+
+def _check_hyperparameters(b1, b2, eps, hessian_power, update_interval):
+  _checks.check_decay_precision("b1", b1)
+  _checks.check_decay_precision("b2", b2)
+  _checks.check_interval("b1", b1, 0.0, 1.0, high_open=True)
+  _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
+  _checks.check_interval("eps", eps, 0.0, float("inf"), low_open=True,
+                         high_open=True)
+  _checks.check_interval("hessian_power", hessian_power, 0.0, 1.0)
+  if update_interval is not None:
+    _checks.check_positive_int("update_interval", update_interval,
+                               allow_traced=True)
+
+
+def _check_refresh_flag(flag):
+  if isinstance(flag, jax.Array):
+    if flag.shape != () or flag.dtype != jnp.bool_:
+      raise TypeError(
+          "hessian_refresh given as an array must be a boolean scalar, got "
+          f"shape {flag.shape} and dtype {flag.dtype}")
+  elif not isinstance(flag, bool):
+    raise TypeError(
+        "hessian_refresh must be a Python bool (static under jit) or a "
+        f"boolean scalar array, got {type(flag).__name__}")
+
+
+def refresh_predicate(update_interval, count, hessian_refresh, hessian):
+  """Whether this step refreshes the Hessian: the one rule.
+
+  With ``update_interval=k`` (an int, or an array under inject_hyperparams)
+  the steps whose count is a multiple of k refresh; with ``None`` the call
+  says so, by ``hessian_refresh`` or by passing an estimate. Returns a Python
+  bool when that is known at trace time, else a boolean array.
   """
+  if update_interval is None:
+    if hessian is not None:
+      if hessian_refresh is not None and hessian_refresh is not True:
+        raise ValueError(
+            "update got an estimate (hessian=) with hessian_refresh="
+            f"{hessian_refresh!r}; passing an estimate refreshes, so leave "
+            "hessian_refresh out, and on steps without a refresh pass no "
+            "hessian")
+      return True
+    if hessian_refresh is None:
+      raise ValueError(
+          "with update_interval=None the call decides each refresh: pass "
+          "hessian_refresh=True or False (or a boolean array), or "
+          "hessian=<the estimate of aho.value_grad_and_hessian>")
+    _check_refresh_flag(hessian_refresh)
+    return hessian_refresh
+  if hessian_refresh is not None:
+    raise ValueError(
+        f"update got hessian_refresh={hessian_refresh!r}, but "
+        f"update_interval={update_interval!r} already schedules the "
+        "refreshes; to decide on each step yourself, construct the optimizer "
+        "with update_interval=None")
+  if not isinstance(update_interval, jax.Array) and update_interval == 1:
+    return True
+  if hessian is not None:
+    raise ValueError(
+        "update got an estimate (hessian=), but with update_interval="
+        f"{update_interval!r} whether this step refreshes is decided at run "
+        "time; construct the optimizer with update_interval=None and call "
+        "value_grad_and_hessian on the refresh steps only (with "
+        "inject_hyperparams and update_interval=1, pass "
+        "static_args=('update_interval',))")
+  return count % update_interval == 0
 
-  diagonal: Any
-  n_samples: int = dataclasses.field(metadata={"static": True}, default=1)
-  distribution: str = dataclasses.field(metadata={"static": True},
-                                        default="rademacher")
-  axis_name: Optional[str] = dataclasses.field(metadata={"static": True},
-                                               default=None)
+
+def _has_convolution(jaxpr) -> bool:
+  return (any(eqn.primitive.name == "conv_general_dilated"
+              for eqn in jaxpr.eqns)
+          or any(_has_convolution(sub)
+                 for sub in jax_core.subjaxprs(jaxpr)))
+
+
+def _cond_is_slow(refresh, curvature) -> bool:
+  """Whether `lax.cond` would run the refresh slower than at top level.
+
+  On XLA:CPU, convolution gradients inside control flow run as generic loops
+  (about 17x slower); matrix products are not affected.
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  return _has_convolution(jax.make_jaxpr(refresh)(curvature).jaxpr)
+
+
+_SLOW_COND_MESSAGE = (
+    "adahessian_optax: the loss has convolutions and runs on XLA:CPU, where "
+    "their gradients inside lax.cond run as slow generic loops, so a "
+    "run-time refresh decision (update_interval > 1, or an array "
+    "hessian_refresh) computes the Hessian-vector product on every step and "
+    "keeps it only on refresh steps: it saves no time. For the saving, "
+    "construct with update_interval=None and jit the step with a static "
+    "hessian_refresh (or call value_grad_and_hessian) on refresh steps only; "
+    "see the delayed Hessian guide.")
+
+
+def dispatch(refresh, refresh_fn, curvature: _Curvature) -> _Curvature:
+  """Applies `refresh_fn` to `curvature` when `refresh` says so.
+
+  A Python bool compiles one program, with or without the refresh. An array
+  selects at run time: with `lax.cond`, so that skipped steps do not compute
+  the Hessian-vector product, where that branch runs at full speed, and
+  otherwise by computing it on every step and selecting the result.
+  """
+  if refresh is True:
+    return refresh_fn(curvature)
+  if refresh is False:
+    return curvature
+  if _cond_is_slow(refresh_fn, curvature):
+    warnings.warn(_SLOW_COND_MESSAGE, PerformanceWarning)
+    return optax.tree.where(refresh, refresh_fn(curvature), curvature)
+  return jax.lax.cond(refresh, refresh_fn, lambda c: c, curvature)
+
+
+def _estimate_fn(params, value_fn, obj_fn, hessian, estimator):
+  """`HutchinsonState -> (diagonal, next state)`, from the estimate given or
+  from the loss closure."""
+  if hessian is None:
+    fn = _checks.check_value_fn(value_fn, obj_fn, "scale_by_adahessian.update")
+
+    def from_closure(state):
+      result, state = _hutchinson.estimate(fn, params, state)
+      return result.diagonal, state
+    return from_closure
+  if value_fn is not None or obj_fn is not None:
+    raise ValueError(
+        "update got both hessian= and a loss closure; the estimate already "
+        "holds the Hessian pass, so pass only one")
+  if not isinstance(hessian, _hutchinson.HessianEstimate):
+    raise TypeError(
+        "hessian must be the HessianEstimate returned by "
+        f"aho.value_grad_and_hessian, got {type(hessian).__name__}")
+  if (jax.tree.structure(hessian.estimator)
+      != jax.tree.structure(estimator)):
+    raise ValueError(
+        "hessian was estimated with another estimator's state "
+        f"({hessian.estimator!r}); call value_grad_and_hessian with this "
+        "optimizer's own state")
+  diagonal = hessian.diagonal
+  if _compose.has_masked_node(params):
+    diagonal = _compose.mask_like(params, diagonal)
+  _tree.check_same_structure(
+      params, diagonal, "hessian.diagonal",
+      "; estimate it at the params given to update")
+  return lambda state: (diagonal, hessian.estimator)
+
+
+def _refreshed(curvature, estimate_fn, split, rules, b2):
+  """`curvature` after one Hessian refresh."""
+  diagonal, estimator = estimate_fn(curvature.estimator)
+  averaged = [
+      jnp.abs(d) if rules[i] is None else rules[i].apply(jnp.abs(d))
+      for i, d in zip(split.index, split.select(diagonal))
+  ]
+  nu = optax.tree.update_moment(averaged, curvature.nu, b2, 2)
+  # A non-finite estimate (or an overflow of its square) would poison nu for
+  # good, and optax.apply_if_finite only inspects the incoming gradients:
+  # discard such an estimate and count it instead.
+  finite = jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(v)) for v in nu] or [jnp.array(True)]))
+  count, bad = curvature.hessian_count, curvature.nonfinite_hessian_count
+  return _Curvature(
+      nu=optax.tree.where(finite, nu, curvature.nu),
+      hessian_count=jnp.where(finite, optax.safe_increment(count), count),
+      nonfinite_hessian_count=jnp.where(finite, bad,
+                                        optax.safe_increment(bad)),
+      estimator=estimator)
 
 
 def _as_float(count: jax.Array, moments: list) -> jax.Array:
@@ -72,18 +254,38 @@ def _as_float(count: jax.Array, moments: list) -> jax.Array:
   return count.astype(jnp.float64 if wide else jnp.float32)
 
 
-def _check_hyperparameters(b1, b2, eps, hessian_power, update_interval,
-                           n_samples):
-  _checks.check_decay_precision("b1", b1)
-  _checks.check_decay_precision("b2", b2)
-  _checks.check_interval("b1", b1, 0.0, 1.0, high_open=True)
-  _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
-  _checks.check_interval("eps", eps, 0.0, float("inf"), low_open=True,
-                         high_open=True)
-  _checks.check_interval("hessian_power", hessian_power, 0.0, 1.0)
-  _checks.check_positive_int("update_interval", update_interval,
-                             allow_traced=True)
-  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+def _first_moment(grads: list, old_mu: list, b1) -> list:
+  """The gradient's EMA, in at least float32 (the hyperparameters' dtype).
+
+  So that low-precision params stay strict-clean; it is stored in mu_dtype.
+  """
+  wide = [m.astype(_tree.at_least_float32(m.dtype)) for m in old_mu]
+  return optax.tree.update_moment(optax.tree.cast_like(grads, wide), wide,
+                                  b1, 1)
+
+
+def _preconditioned(mu, curvature, grads, count, b1, b2, power, eps):
+  """`mu_hat / (nu_hat^(power/2) + eps)` per leaf, zero before a refresh."""
+  mu_hat = optax.tree.bias_correction(mu, b1, _as_float(count, mu))
+  refreshes = curvature.hessian_count
+  nu_hat = optax.tree.bias_correction(
+      curvature.nu, b2, _as_float(jnp.maximum(refreshes, 1), curvature.nu))
+
+  def one(m, v, g):
+    u = m.astype(v.dtype) / (jnp.power(v, power / 2) + eps)
+    return jnp.where(refreshes > 0, u, 0).astype(g.dtype)
+  return jax.tree.map(one, mu_hat, nu_hat, grads)
+
+
+def _check_update_inputs(updates, state, params):
+  if params is None:
+    raise ValueError(
+        "scale_by_adahessian.update needs params (the loss closure is "
+        "evaluated at them), got None")
+  _tree.check_same_structure(params, updates, "updates")
+  _tree.check_same_structure(
+      params, state.mu, "the state's mu",
+      "; was the state initialised with init() on params like these?")
 
 
 def scale_by_adahessian(
@@ -93,10 +295,11 @@ def scale_by_adahessian(
     hessian_power: jax.typing.ArrayLike = 1.0,
     *,
     key: Any = None,
+    estimator: Optional[optax.GradientTransformationExtraArgs] = None,
     spatial_averaging: _spatial.SpatialAveraging = _DEFAULT_SPATIAL,
-    update_interval: Union[int, jax.Array] = 1,
-    n_samples: int = 1,
-    distribution: str = "rademacher",
+    update_interval: Union[int, jax.Array, None] = 1,
+    n_samples: Optional[int] = None,
+    distribution: Optional[str] = None,
     axis_name: Optional[str] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -116,46 +319,55 @@ def scale_by_adahessian(
     \end{align*}
 
   where :math:`k` is ``hessian_power`` and :math:`r` counts Hessian refreshes.
-  With ``update_interval`` :math:`= i`, the Hessian-vector product runs only on
-  the steps where :math:`t \bmod i = 0` (counting from 0); between refreshes
-  :math:`v` is not updated, and its bias correction counts refreshes, not
-  steps, so :math:`\hat v` is always an unbiased average of the estimates
-  taken. The state holds Adam's two buffers (``mu``, ``nu``) and O(1) more.
+  Between refreshes :math:`v` is not updated, and its bias correction counts
+  refreshes, not steps, so :math:`\hat v` is always an unbiased average of
+  the estimates taken. Before the first refresh no curvature is known and the
+  update is zero. The state holds Adam's two buffers (``mu``, ``nu``) and
+  O(1) more.
 
-  The step on which the Hessian is refreshed is decided as follows: if
-  ``update`` gets ``hessian_refresh=True`` or ``False`` (a Python bool), that
-  decides it at trace time, and the step compiles without the
-  Hessian-vector product when False (the fast way to use
-  ``update_interval > 1``: jit the step with ``hessian_refresh`` static and
-  pass ``step % update_interval == 0``); a boolean scalar array decides it at
-  run time with :func:`jax.lax.cond` (for loops inside ``lax.scan`` or
-  :class:`optax.MultiSteps`, see the composition guide); otherwise a static
-  ``update_interval=1`` refreshes on every step, and any other interval
-  selects with :func:`jax.lax.cond` at run time. Before the first refresh no
-  curvature is known and the update is zero.
+  **When the Hessian is refreshed** (one rule): with ``update_interval``
+  :math:`= i` (an int) on the steps whose count :math:`t` (from 0) has
+  :math:`t \bmod i = 0`; with ``update_interval=None`` on the steps where the
+  call says so, by ``hessian_refresh=True`` or by passing an estimate
+  (``hessian=``). A Python bool decided at trace time compiles one program,
+  without the Hessian-vector product when no refresh is due; a decision known
+  only at run time (``update_interval > 1``, or an array ``hessian_refresh``)
+  skips the product with :func:`jax.lax.cond`, except where control flow
+  would make it slower (convolutions on XLA:CPU: it is then computed on every
+  step, and a :class:`PerformanceWarning` names the fast pattern).
+  Contradictory inputs are errors: ``hessian_refresh`` with an int
+  ``update_interval``, an estimate with ``hessian_refresh=False``, or an
+  estimate on a step whose refresh is decided at run time.
 
-  ``update(updates, state, params, *, value_fn, hessian_refresh=None)`` takes
-  the loss closure ``value_fn`` (``params -> scalar``; ``obj_fn`` is accepted
-  as the same thing, for :func:`optax.contrib.sophia`'s protocol). The
-  gradient used for :math:`m` is ``updates``; the one from the Hessian pass is
-  discarded, and XLA removes the duplicate computation when both sit in one
-  jitted function.
+  ``update(updates, state, params, *, value_fn=None, hessian_refresh=None,
+  hessian=None)`` takes the loss closure ``value_fn`` (``params -> scalar``;
+  ``obj_fn`` is accepted as the same thing, for
+  :func:`optax.contrib.sophia`'s protocol), or the estimate ``hessian`` of
+  :func:`value_grad_and_hessian` (the fused step); neither is needed on a
+  step known not to refresh. With ``value_fn``, the gradient used for
+  :math:`m` is ``updates``; the one from the Hessian pass is discarded, and
+  XLA removes the duplicate computation when both sit in one jitted function.
 
   Args:
     b1: decay rate of the gradient's EMA.
     b2: decay rate of the EMA of the squared Hessian diagonal.
     eps: added to :math:`\hat v^{k/2}`, outside the power.
     hessian_power: :math:`k \in [0, 1]`; 1 is the paper's default.
-    key: an int seed or JAX PRNG key for the probes (required; the same key
-      gives the same run).
+    key: an int seed or JAX PRNG key for the probes: short for
+      ``estimator=aho.hutchinson_estimator(key, ...)``. The same key gives
+      the same run.
+    estimator: the Hutchinson estimator, :func:`hutchinson_estimator`, which
+      holds the key, ``n_samples``, ``distribution`` and ``axis_name``. Give
+      either this or ``key`` (and those three).
     spatial_averaging: ``None`` (off), a :class:`SpatialRule`, a pytree prefix
       of params with a rule or ``None`` at each node, or a function
       ``params -> such a pytree``. The default, :func:`conv_window_mean`,
       averages Flax convolution kernels over their window and leaves other
       leaves alone.
-    update_interval: refresh the Hessian estimate every this many steps.
-    n_samples: Hutchinson probes per refresh (one primal pass, then one
-      tangent pass per probe).
+    update_interval: refresh the Hessian estimate every this many steps, or
+      ``None`` to decide on each call.
+    n_samples: Hutchinson probes per refresh (default 1; one primal pass,
+      then one tangent pass per probe).
     distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
     axis_name: inside ``pmap``/``shard_map``, the name of the data axis over
       which the estimate is averaged, so replicas stay identical.
@@ -183,171 +395,80 @@ def scale_by_adahessian(
     Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
     Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
   """
-  _check_hyperparameters(b1, b2, eps, hessian_power, update_interval,
-                         n_samples)
-  _hutchinson._check_distribution(distribution)  # pylint: disable=protected-access
-  n_samples = int(n_samples)  # a concrete array under inject_hyperparams
-  typed_key = _hutchinson.as_key(key, "scale_by_adahessian")
+  _check_hyperparameters(b1, b2, eps, hessian_power, update_interval)
+  estimator = _resolve_estimator(estimator, key, n_samples, distribution,
+                                 axis_name)
   _checks.check_float_dtype("mu_dtype", mu_dtype)
-  mu_dtype = utils.canonicalize_dtype(mu_dtype)
-  static_interval = not isinstance(update_interval, jax.Array)
+  mu_dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(
+      mu_dtype)
 
   def init_fn(params):
     _spatial.resolve_rules(spatial_averaging, params)
+    estimator_state = estimator.init(params)
+    if not isinstance(estimator_state, _hutchinson.HutchinsonState):
+      raise TypeError(
+          "estimator must be aho.hutchinson_estimator(...); its init returned "
+          f"{type(estimator_state).__name__}")
     split = _tree.FloatLeaves.of(params)
     leaves = split.select(params)
-    mu = optax.tree.zeros_like(leaves, dtype=mu_dtype)
     nu = [jnp.zeros_like(x, dtype=_tree.at_least_float32(x.dtype))
           for x in leaves]
+    zeros = optax.tree.zeros_like(params)
     return ScaleByAdaHessianState(
         count=jnp.zeros([], jnp.int32),
         hessian_count=jnp.zeros([], jnp.int32),
         nonfinite_hessian_count=jnp.zeros([], jnp.int32),
-        key=jax.random.key_data(typed_key),
-        mu=split.replace(optax.tree.zeros_like(params), mu),
-        nu=split.replace(optax.tree.zeros_like(params), nu),
+        estimator=estimator_state,
+        mu=split.replace(zeros, optax.tree.zeros_like(leaves, dtype=mu_dtype)),
+        nu=split.replace(zeros, nu),
     )
-
-  def refreshed_nu(estimate_fn, split, rules, b2, nu, hessian_count,
-                   nonfinite_count, key_data):
-    next_key, probe_key = _hutchinson.split_key_data(key_data)
-    estimate = estimate_fn(probe_key)
-    averaged = [
-        jnp.abs(d) if rules[i] is None else rules[i].apply(jnp.abs(d))
-        for i, d in zip(split.index, split.select(estimate))
-    ]
-    new_nu = optax.tree.update_moment(averaged, nu, b2, 2)
-    # A non-finite estimate (or an overflow of its square) would poison nu for
-    # good, and optax.apply_if_finite only inspects the incoming gradients:
-    # discard such an estimate and count it instead.
-    finite = jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(v)) for v in new_nu] or [jnp.array(True)]))
-    return (
-        optax.tree.where(finite, new_nu, nu),
-        jnp.where(finite, numerics.safe_increment(hessian_count),
-                  hessian_count),
-        jnp.where(finite, nonfinite_count,
-                  numerics.safe_increment(nonfinite_count)),
-        next_key,
-    )
-
-  def given_estimate(hessian, params, hessian_refresh):
-    if not isinstance(hessian, HessianEstimate):
-      raise TypeError(
-          "hessian must be the HessianEstimate returned by "
-          f"aho.value_grad_and_hessian, got {type(hessian).__name__}")
-    for name, mine in (("n_samples", n_samples), ("distribution", distribution),
-                       ("axis_name", axis_name)):
-      theirs = getattr(hessian, name)
-      if theirs != mine:
-        raise ValueError(
-            f"hessian was estimated with {name}={theirs!r}, but this "
-            f"scale_by_adahessian has {name}={mine!r}; pass {name}={mine!r} "
-            "to value_grad_and_hessian")
-    if hessian_refresh is False or isinstance(hessian_refresh, jax.Array):
-      raise ValueError(
-          "update got hessian= (an estimate to use now) with hessian_refresh="
-          f"{hessian_refresh!r}; a step that is given an estimate refreshes, "
-          "so pass hessian_refresh=True or leave it out, and on steps without "
-          "a refresh pass no hessian")
-    diagonal = hessian.diagonal
-    if _compose.has_masked_node(params):
-      diagonal = _compose.mask_like(params, diagonal)
-    _tree.check_same_structure(
-        params, diagonal, "hessian.diagonal",
-        "; estimate it at the params given to update")
-    return lambda probe_key: diagonal
 
   def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
                 hessian_refresh=None, hessian=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(
-          "scale_by_adahessian.update needs params (the loss closure is "
-          "evaluated at them), got None")
-    if hessian is not None:
-      estimate_fn = given_estimate(hessian, params, hessian_refresh)
-      hessian_refresh = True
-    elif hessian_refresh is not False:
-      fn = _checks.check_value_fn(value_fn, obj_fn,
-                                  "scale_by_adahessian.update")
-      estimate_fn = lambda probe_key: _hutchinson.estimate(
-          fn, params, probe_key, n_samples=n_samples,
-          distribution=distribution, axis_name=axis_name,
-          probes_first=False).diagonal
-    else:
-      estimate_fn = None  # no refresh: the loss closure is not needed
-    _tree.check_same_structure(params, updates, "updates")
-    _tree.check_same_structure(
-        params, state.mu, "the state's mu",
-        "; was the state initialised with init() on params like these?")
-    traced_refresh = isinstance(hessian_refresh, jax.Array)
-    if traced_refresh and (hessian_refresh.shape != ()
-                           or hessian_refresh.dtype != jnp.bool_):
-      raise TypeError(
-          "hessian_refresh given as an array must be a boolean scalar, got "
-          f"shape {hessian_refresh.shape} and dtype {hessian_refresh.dtype}")
-    if not (hessian_refresh is None or traced_refresh
-            or isinstance(hessian_refresh, bool)):
-      raise TypeError(
-          "hessian_refresh must be a Python bool (static under jit), a boolean "
-          f"scalar array or None, got {type(hessian_refresh).__name__}")
-    rules = _spatial.resolve_rules(spatial_averaging, params)
-
+    _check_update_inputs(updates, state, params)
+    refresh = refresh_predicate(update_interval, state.count, hessian_refresh,
+                                hessian)
     split = _tree.FloatLeaves.of(params)
-    grads = split.select(updates)
-    nu = split.select(state.nu)
-    operands = (nu, state.hessian_count, state.nonfinite_hessian_count,
-                state.key)
     # Hyperparameters as arrays of the params' widest dtype, as
     # optax.inject_hyperparams passes them, so both give identical numbers.
-    hp_dtype = _as_float(state.count, nu).dtype
+    hp_dtype = _as_float(state.count, split.select(state.nu)).dtype
     b1_, b2_, eps_, power_ = (jnp.asarray(h, hp_dtype)
                               for h in (b1, b2, eps, hessian_power))
-    refresh = lambda *ops: refreshed_nu(estimate_fn, split, rules, b2_,
-                                        *ops)
-    if hessian_refresh is None and static_interval and update_interval == 1:
-      hessian_refresh = True
-    if hessian_refresh is True:
-      nu, hessian_count, nonfinite_count, key_data = refresh(*operands)
-    elif hessian_refresh is False:
-      nu, hessian_count, nonfinite_count, key_data = operands
-    elif traced_refresh:
-      nu, hessian_count, nonfinite_count, key_data = jax.lax.cond(
-          hessian_refresh, refresh, lambda *ops: ops, *operands)
-    else:
-      nu, hessian_count, nonfinite_count, key_data = jax.lax.cond(
-          state.count % update_interval == 0, refresh, lambda *ops: ops,
-          *operands)
 
-    old_mu = split.select(state.mu)
-    # The EMA runs in at least float32 (the hyperparameters' dtype), so that
-    # low-precision params stay strict-clean; it is stored in mu_dtype.
-    wide_mu = [m.astype(_tree.at_least_float32(m.dtype)) for m in old_mu]
-    mu = optax.tree.update_moment(
-        optax.tree.cast_like(grads, wide_mu), wide_mu, b1_, 1)
-    count_inc = numerics.safe_increment(state.count)
-    mu_hat = optax.tree.bias_correction(mu, b1_, _as_float(count_inc, mu))
-    nu_hat = optax.tree.bias_correction(
-        nu, b2_, _as_float(jnp.maximum(hessian_count, 1), nu))
+    curvature = _Curvature(split.select(state.nu), state.hessian_count,
+                           state.nonfinite_hessian_count, state.estimator)
+    if refresh is not False:
+      estimate_fn = _estimate_fn(params, value_fn, obj_fn, hessian,
+                                 state.estimator)
+      rules = _spatial.resolve_rules(spatial_averaging, params)
+      curvature = dispatch(
+          refresh, lambda c: _refreshed(c, estimate_fn, split, rules, b2_),
+          curvature)
 
-    def precondition(m, v, g):
-      u = m.astype(v.dtype) / (jnp.power(v, power_ / 2) + eps_)
-      u = jnp.where(hessian_count > 0, u, 0)
-      return u.astype(g.dtype)
-
-    new_updates = jax.tree.map(precondition, mu_hat, nu_hat, grads)
+    grads, old_mu = split.select(updates), split.select(state.mu)
+    mu = _first_moment(grads, old_mu, b1_)
+    count = optax.safe_increment(state.count)
+    new_updates = _preconditioned(mu, curvature, grads, count, b1_, b2_,
+                                  power_, eps_)
     return split.replace(updates, new_updates), ScaleByAdaHessianState(
-        count=count_inc,
-        hessian_count=hessian_count,
-        nonfinite_hessian_count=nonfinite_count,
-        key=key_data,
+        count=count,
+        hessian_count=curvature.hessian_count,
+        nonfinite_hessian_count=curvature.nonfinite_hessian_count,
+        estimator=curvature.estimator,
         mu=split.replace(state.mu, optax.tree.cast_like(mu, old_mu)),
-        nu=split.replace(state.nu,
-                         optax.tree.cast_like(nu, split.select(state.nu))),
+        nu=split.replace(state.nu, optax.tree.cast_like(
+            curvature.nu, split.select(state.nu))),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_constant(name: str, value: Any) -> None:
+  """A constant (not a schedule) must be finite and >= 0."""
+  if callable(value):
+    return
+  _checks.check_interval(name, value, 0.0, float("inf"), high_open=True)
 
 
 def adahessian(
@@ -360,10 +481,11 @@ def adahessian(
     hessian_power: jax.typing.ArrayLike = 1.0,
     *,
     key: Any = None,
+    estimator: Optional[optax.GradientTransformationExtraArgs] = None,
     spatial_averaging: _spatial.SpatialAveraging = _DEFAULT_SPATIAL,
-    update_interval: Union[int, jax.Array] = 1,
-    n_samples: int = 1,
-    distribution: str = "rademacher",
+    update_interval: Union[int, jax.Array, None] = 1,
+    n_samples: Optional[int] = None,
+    distribution: Optional[str] = None,
     axis_name: Optional[str] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -379,7 +501,8 @@ def adahessian(
   It is ``optax.chain(scale_by_adahessian(...),
   optax.add_decayed_weights(weight_decay, weight_decay_mask),
   optax.scale_by_learning_rate(learning_rate))``. Call ``update`` with the
-  loss closure: ``tx.update(grads, state, params, value_fn=loss_of_params)``.
+  loss closure, ``tx.update(grads, state, params, value_fn=loss_of_params)``,
+  or with the estimate of the fused step, :func:`value_grad_and_hessian`.
 
   Args:
     learning_rate: a scalar or an optax schedule. The paper used 0.15 for
@@ -391,12 +514,14 @@ def adahessian(
     weight_decay_mask: a pytree of bools like params, or a function of params
       returning one, selecting the leaves to decay.
     hessian_power: :math:`k \in [0, 1]`.
-    key: an int seed or JAX PRNG key for the probes (required).
+    key: an int seed or JAX PRNG key for the probes (or give ``estimator``).
+    estimator: the Hutchinson estimator, :func:`hutchinson_estimator`.
     spatial_averaging: per-leaf averaging rules, see
       :func:`scale_by_adahessian`.
-    update_interval: refresh the Hessian estimate every this many steps.
-    n_samples: Hutchinson probes per refresh.
-    distribution: ``"rademacher"`` or ``"gaussian"`` probes.
+    update_interval: refresh the Hessian estimate every this many steps, or
+      ``None`` to decide on each call (see :func:`scale_by_adahessian`).
+    n_samples: Hutchinson probes per refresh (default 1).
+    distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
     axis_name: named axis over which the estimate is averaged.
     mu_dtype: optional dtype of the first moment.
 
@@ -424,110 +549,14 @@ def adahessian(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
+  _check_constant("learning_rate", learning_rate)
+  _check_constant("weight_decay", weight_decay)
   return optax.chain(
       scale_by_adahessian(
           b1=b1, b2=b2, eps=eps, hessian_power=hessian_power, key=key,
-          spatial_averaging=spatial_averaging,
+          estimator=estimator, spatial_averaging=spatial_averaging,
           update_interval=update_interval, n_samples=n_samples,
           distribution=distribution, axis_name=axis_name, mu_dtype=mu_dtype),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def _adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
-  is_state = lambda x: isinstance(x, ScaleByAdaHessianState)
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
-           if is_state(x)]
-  if len(found) != 1:
-    what = "no" if not found else f"{len(found)}"
-    raise ValueError(
-        f"value_grad_and_hessian: opt_state holds {what} "
-        "ScaleByAdaHessianState; pass the state of the optimizer that "
-        "contains exactly one scale_by_adahessian (for several, pass the "
-        "part of the state that belongs to the one being refreshed)")
-  return found[0]
-
-
-def value_grad_and_hessian(
-    value_fn: Callable[[Any], jax.Array],
-    params: Any,
-    opt_state: Any,
-    *,
-    n_samples: int = 1,
-    distribution: str = "rademacher",
-    axis_name: Optional[str] = None,
-) -> tuple[jax.Array, Any, HessianEstimate]:
-  r"""The loss, its gradient and AdaHessian's estimate, from one pass.
-
-  The fused training step: one forward-over-reverse pass
-  ``jax.jvp(jax.grad(value_fn), (params,), (z,))`` yields the gradient
-  :math:`g` (its primal output) and :math:`Hz` (its tangent), so
-
-  .. math::
-    (f(\theta),\ g,\ \tfrac1S \textstyle\sum_s z_s \odot H z_s)
-
-  cost one Hessian-vector product and nothing more. Pass the gradient to
-  ``tx.update`` as the updates and the estimate as ``hessian=``::
-
-    loss, grads, hessian = aho.value_grad_and_hessian(loss_fn, params, state)
-    updates, state = tx.update(grads, state, params, hessian=hessian)
-
-  Computing ``jax.grad`` separately and passing ``value_fn`` to ``update``
-  gives the same numbers, but then the gradient is computed twice unless XLA
-  merges the two copies, which it does not always do (it did not for a
-  Transformer on CPU, nor across ``lax.cond``).
-
-  The probes are those ``update`` would draw: the key comes from the
-  :class:`ScaleByAdaHessianState` found in ``opt_state`` (which must hold
-  exactly one), split as ``update`` splits it, so both ways give the same
-  run. For ``update_interval > 1`` call this on refresh steps only and
-  :func:`jax.value_and_grad` on the others (with ``hessian_refresh=False``).
-
-  Args:
-    value_fn: the loss closure, ``params -> scalar``.
-    params: the params, as given to ``tx.update``.
-    opt_state: the optimizer state (or the part of it that holds the
-      :class:`ScaleByAdaHessianState`).
-    n_samples: probes per estimate: the transformation's ``n_samples``.
-    distribution: the transformation's ``distribution``.
-    axis_name: the transformation's ``axis_name``; the loss, the gradient and
-      the estimate are averaged over it.
-
-  Returns:
-    ``(value, grad, hessian)``: the loss, its gradient (a pytree like params)
-    and a :class:`HessianEstimate` for ``tx.update(..., hessian=hessian)``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import adahessian_optax as aho
-    >>> loss = lambda p: jnp.sum(jnp.array([1.0, 1e4]) * (p - 1.0) ** 2)
-    >>> tx = aho.adahessian(learning_rate=0.5, key=0)
-    >>> params = jnp.zeros(2)
-    >>> state = tx.init(params)
-    >>> @jax.jit
-    ... def step(params, state):
-    ...   value, grads, hessian = aho.value_grad_and_hessian(loss, params,
-    ...                                                      state)
-    ...   updates, state = tx.update(grads, state, params, hessian=hessian)
-    ...   return optax.apply_updates(params, updates), state
-    >>> for _ in range(200):
-    ...   params, state = step(params, state)
-    >>> print(jnp.round(params, 3))
-    [1. 1.]
-
-  References:
-    Pearlmutter, `Fast Exact Multiplication by the Hessian
-    <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994.
-  """
-  state = _adahessian_state(opt_state)
-  value_fn = _hutchinson.check_estimate_args(
-      "value_grad_and_hessian", value_fn, params, n_samples, distribution)
-  # [...] also unwraps the variables of an nnx.Optimizer's state.
-  _, probe_key = _hutchinson.split_key_data(jnp.asarray(state.key[...]))
-  result = _hutchinson.estimate(
-      value_fn, params, probe_key, n_samples=n_samples,
-      distribution=distribution, axis_name=axis_name, probes_first=True)
-  estimate = HessianEstimate(result.diagonal, n_samples=n_samples,
-                             distribution=distribution, axis_name=axis_name)
-  return result.value, result.grad, estimate

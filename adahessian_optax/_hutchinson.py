@@ -1,7 +1,13 @@
-"""Hutchinson's estimator of the Hessian diagonal, one jvp-over-grad pass."""
+"""Hutchinson's estimator of the Hessian diagonal, configured once.
 
-import math
-import numbers
+The estimator's configuration (``n_samples``, ``distribution``,
+``axis_name``) lives in its state, :class:`HutchinsonState`, beside the key,
+as static fields. Every verb (the plain and the fused AdaHessian step,
+Sophia's ``hessian_diagonal_fn``, :func:`hutchinson_diagonal`) reads it from
+there and advances the key in one place, :func:`estimate`.
+"""
+
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -10,156 +16,62 @@ import optax
 import optax.tree
 
 from adahessian_optax import _checks
-from adahessian_optax import _compose
+from adahessian_optax import _curvature
+from adahessian_optax import _probes
 from adahessian_optax import _tree
 
 
-def _seed(words: jax.Array) -> jax.Array:
-  """Raw key data as a Philox state: four uint32 words (zero-padded)."""
-  words = words.reshape(-1).astype(jnp.uint32)
-  if words.size < 4:
-    words = jnp.concatenate([words, jnp.zeros(4 - words.size, jnp.uint32)])
-  return words[:4]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HutchinsonState:
+  """State of a Hutchinson estimator: its key and its configuration.
 
+  Only ``key`` is an array; the configuration is static (part of the pytree
+  structure), so it cannot be traced or changed by a checkpoint.
 
-def random_words(key_data: jax.Array, n: int) -> jax.Array:
-  """`n` random uint32 words from XLA's Philox generator, seeded by key data.
-
-  One RngBitGenerator op. JAX's threefry lowers to a while loop on CPU, and a
-  step with such loops in it lost XLA:CPU's concurrent execution: a small
-  CNN's Hessian pass ran 1.25x slower on two threads with one loop per
-  parameter leaf. Under ``vmap`` each key draws its own words, exactly as in
-  a loop (XLA's own batching rule would use the first key for all).
+  Attributes:
+    key: raw ``uint32`` data of the probe key, split at every estimate.
+    n_samples: probes averaged per estimate.
+    distribution: ``"rademacher"`` or ``"gaussian"``.
+    axis_name: the named axis over which estimates are averaged, or ``None``.
   """
 
-  @jax.custom_batching.custom_vmap
-  def words(seed):
-    return jax.lax.rng_bit_generator(
-        seed, (n,), jnp.uint32,
-        algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)[1]
-
-  @words.def_vmap
-  def _(axis_size, in_batched, seeds):  # pylint: disable=unused-argument
-    return jax.lax.map(words, seeds), True
-
-  return words(_seed(key_data))
+  key: jax.Array
+  n_samples: int = dataclasses.field(default=1, metadata={"static": True})
+  distribution: str = dataclasses.field(default="rademacher",
+                                        metadata={"static": True})
+  axis_name: Optional[str] = dataclasses.field(default=None,
+                                               metadata={"static": True})
 
 
-def split_key_data(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`(next, probe)`: two new raw keys like `key_data`, from one draw."""
-  size = math.prod(key_data.shape)
-  words = random_words(key_data, 2 * size)
-  return (words[:size].reshape(key_data.shape),
-          words[size:].reshape(key_data.shape))
+def _register_with_flax_serialization() -> None:
+  # flax.serialization (msgpack) keeps unregistered classes as opaque leaves;
+  # registered, the state is saved as {"key": ...}, as a NamedTuple would be.
+  try:
+    from flax import serialization  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  serialization.register_serialization_state(
+      HutchinsonState,
+      lambda s: {"key": serialization.to_state_dict(s.key)},
+      lambda s, d: dataclasses.replace(
+          s, key=serialization.from_state_dict(s.key, d["key"])))
 
 
-def _bits(key_data: jax.Array, size: int) -> jax.Array:
-  """`size` independent 0/1 bits, 32 from each random word, as uint32.
-
-  Every bit of the generator's output is a fair coin, so ``2 * bits - 1`` is
-  exactly Rademacher, from 32x fewer words than ``jax.random.rademacher``
-  draws (one per entry); on CPU the generator is the cost, and for a
-  1M-parameter MLP that was more than half a gradient evaluation.
-  """
-  words = random_words(key_data, -(-size // 32))
-  return ((words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-          ).reshape(-1)[:size]
+_register_with_flax_serialization()
 
 
-def probes(key_data: jax.Array, leaves: list, distribution: str,
-           n_samples: int) -> list:
-  """`n_samples` probes, each a list like `leaves`, from raw key data.
-
-  Rademacher probes all come from a single draw of random bits; Gaussian ones
-  from JAX's threefry, one key per probe and leaf.
-  """
-  if distribution != "rademacher":
-    typed = jax.random.wrap_key_data(_seed(key_data)[:2],
-                                     impl="threefry2x32")
-    return [optax.tree.random_like(k, leaves, jax.random.normal)
-            for k in jax.random.split(typed, n_samples)]
-  sizes = [math.prod(x.shape) for x in leaves]
-  bits = _bits(key_data, n_samples * sum(sizes))
-  out, start = [], 0
-  for _ in range(n_samples):
-    z = []
-    for x, size in zip(leaves, sizes):
-      piece = bits[start:start + size].reshape(x.shape).astype(x.dtype)
-      z.append(2 * piece - 1)
-      start += size
-    out.append(z)
-  return out
-
-
-_DISTRIBUTIONS = ("gaussian", "rademacher")
-
-
-def as_key(key: Any, owner: str) -> jax.Array:
-  """Returns a typed PRNG key from an int seed, a typed key or raw key data."""
-  if key is None:
-    raise ValueError(
-        f"{owner} needs `key`, an int seed or a jax.random.key, to draw its "
-        "Hutchinson probes (no seed is chosen for you), e.g. key=0.")
-  if isinstance(key, bool):
-    raise TypeError(f"{owner}: key must be an int seed or a JAX key, got {key!r}")
-  if isinstance(key, numbers.Integral):
-    return jax.random.key(key)
-  dtype = getattr(key, "dtype", None)
-  shape = getattr(key, "shape", None)
-  if dtype is not None:
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      if shape != ():
-        raise ValueError(f"{owner}: key must be a single key, got shape {shape}")
-      return key
-    if jnp.issubdtype(dtype, jnp.integer) and shape == ():
-      return jax.random.key(key)
-    if dtype == jnp.uint32 and len(shape) == 1:
-      return jax.random.wrap_key_data(key)
-  raise TypeError(
-      f"{owner}: key must be an int seed, a jax.random.key or a "
-      f"jax.random.PRNGKey, got {type(key).__name__}")
-
-
-def _check_distribution(distribution: str) -> None:
-  if distribution not in _DISTRIBUTIONS:
-    raise ValueError(
-        f"distribution must be one of {list(_DISTRIBUTIONS)}, got "
-        f"{distribution!r}")
-
-
-def check_estimate_args(owner: str, value_fn: Any, params: Any,
-                        n_samples: Any, distribution: str):
-  """Checks the arguments of an estimate; returns the loss closure."""
-  if params is None:
-    raise ValueError(f"{owner} needs params, got None")
-  value_fn = _checks.check_value_fn(value_fn, None, owner)
+def init_state(key: Any, *, n_samples: Any = 1,
+               distribution: str = "rademacher",
+               axis_name: Optional[str] = None,
+               owner: str = "hutchinson_estimator") -> HutchinsonState:
+  """A checked :class:`HutchinsonState`."""
   _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
-  _check_distribution(distribution)
-  return value_fn
-
-
-def _scalar_loss(value_fn: Callable[[Any], Any], params: Any) -> jax.Array:
-  out = _compose.call_value_fn(value_fn, params)
-  if isinstance(out, (tuple, list, dict)):
-    raise TypeError(
-        "value_fn must return a scalar loss, got a "
-        f"{type(out).__name__}; for a loss with auxiliary outputs pass "
-        "`lambda p: loss(p)[0]`.")
-  shape = jnp.shape(out)
-  if shape != ():
-    raise ValueError(f"value_fn must return a scalar loss, got shape {shape}")
-  if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
-    raise TypeError(
-        "value_fn must return a floating-point loss, got dtype "
-        f"{jnp.result_type(out)}")
-  return out
-
-
-def _times(z: list, hz: list) -> list:
-  """z * (H z) per leaf, in at least float32."""
-  wide = _tree.at_least_float32
-  return [a.astype(wide(a.dtype)) * b.astype(wide(b.dtype))
-          for a, b in zip(z, hz)]
+  _probes.check_distribution(distribution)
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f"axis_name must be a str or None, got {axis_name!r}")
+  return HutchinsonState(_probes.key_data(key, owner), int(n_samples),
+                         distribution, axis_name)
 
 
 class HutchinsonResult(NamedTuple):
@@ -175,6 +87,56 @@ class HutchinsonResult(NamedTuple):
   value: jax.Array
   grad: Any
   diagonal: Any
+
+
+def _times(z: list, hz: list) -> list:
+  """z * (H z) per leaf, in at least float32."""
+  wide = _tree.at_least_float32
+  return [a.astype(wide(a.dtype)) * b.astype(wide(b.dtype))
+          for a, b in zip(z, hz)]
+
+
+def estimate(value_fn: Callable[[Any], jax.Array], params: Any,
+             state: HutchinsonState, *,
+             barrier: bool = False) -> tuple[HutchinsonResult, HutchinsonState]:
+  """One estimate and the advanced state: the only place the key is split.
+
+  With `barrier`, the Hessian pass starts only once the probes are drawn (an
+  optimization barrier): faster on XLA:CPU with two threads, but it also
+  keeps XLA from merging the pass's gradient with a separately computed one,
+  so the paths that run beside the user's own gradient do without it.
+  """
+  next_key, probe_key = _probes.split(jnp.asarray(state.key[...]))
+  split = _tree.FloatLeaves.of(params)
+  leaves = split.select(params)
+  zs = _probes.SAMPLERS[state.distribution](probe_key, leaves,
+                                            state.n_samples)
+  if barrier:
+    zs, params = jax.lax.optimization_barrier((zs, params))
+  if state.n_samples == 1:
+    value, grad, hz = _curvature.value_grad_hvp(
+        value_fn, params, zs[0], axis_name=state.axis_name)
+    diagonal = _times(zs[0], hz)
+  else:
+    value, grad, hvp = _curvature.linearize(value_fn, params,
+                                            axis_name=state.axis_name)
+    # Summed probe by probe: a reduce over a stacked probe axis was 20x
+    # slower than adds on XLA:CPU.
+    diagonal = _times(zs[0], hvp(zs[0]))
+    for z in zs[1:]:
+      diagonal = [a + b for a, b in zip(diagonal, _times(z, hvp(z)))]
+    diagonal = [d / state.n_samples for d in diagonal]
+  value, grad, diagonal = _curvature.axis_mean((value, grad, diagonal),
+                                               state.axis_name)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  result = HutchinsonResult(value=value, grad=split.replace(zeros, grad),
+                            diagonal=split.replace(zeros, diagonal))
+  return result, dataclasses.replace(state, key=next_key)
+
+
+def check_params(owner: str, params: Any) -> None:
+  if params is None:
+    raise ValueError(f"{owner} needs params, got None")
 
 
 def hutchinson_diagonal(
@@ -234,72 +196,11 @@ def hutchinson_diagonal(
     Bekas, Kokiopoulou and Saad, `An estimator for the diagonal of a matrix
     <https://doi.org/10.1016/j.apnum.2007.01.003>`_, 2007.
   """
-  value_fn = check_estimate_args("hutchinson_diagonal", value_fn, params,
-                                 n_samples, distribution)
-  key = as_key(key, "hutchinson_diagonal")
-  return estimate(value_fn, params, jax.random.key_data(key),
-                  n_samples=n_samples,
-                  distribution=distribution, axis_name=axis_name,
-                  probes_first=True)
-
-
-def estimate(value_fn, params, key_data, *, n_samples, distribution, axis_name,
-             probes_first):
-  """`hutchinson_diagonal` from raw key data, without the argument checks.
-
-  With `probes_first`, the Hessian pass starts only once the probes are
-  drawn (an optimization barrier); that ordering was faster on XLA:CPU with
-  two threads, but it also keeps XLA from merging the pass's gradient with a
-  separately computed one, so the paths that run inside `update` beside the
-  user's own gradient (AdaHessian's plain call, Sophia's estimator) do
-  without it.
-  """
-  split = _tree.FloatLeaves.of(params)
-  leaves = split.select(params)
-
-  def loss_of_leaves(float_leaves):
-    value = _scalar_loss(value_fn, split.replace(params, float_leaves))
-    if axis_name is None:
-      return value
-    # Differentiate the axis mean: under shard_map's default check_vma=True,
-    # autodiff already psums the gradient of a per-shard loss w.r.t.
-    # replicated params (giving n times the mean); pmean makes that the mean,
-    # and under pmap the pmean below does it instead.
-    return jax.lax.pmean(value, axis_name)
-
-  value_and_grad = jax.value_and_grad(loss_of_leaves)
-  zs = probes(key_data, leaves, distribution, n_samples)
-  if probes_first:
-    zs, leaves = jax.lax.optimization_barrier((zs, leaves))
-  if n_samples == 1:
-    (value, grad), (_, hz) = jax.jvp(value_and_grad, (leaves,), (zs[0],))
-    diagonal = _times(zs[0], hz)
-  else:
-    # One primal pass, then one tangent pass per probe. On XLA:CPU this beat
-    # vmapping the probes (batched tangents got slow layouts: 1.3x the time
-    # at n_samples=8) and a reduce over the probe axis (20x slower than adds).
-    (value, grad), hvp = jax.linearize(value_and_grad, leaves)
-    diagonal = None
-    for z in zs:
-      zhz = _times(z, hvp(z)[1])
-      diagonal = zhz if diagonal is None else [
-          a + b for a, b in zip(diagonal, zhz)]
-    diagonal = [d / n_samples for d in diagonal]
-  if axis_name is not None:
-    value, grad, diagonal = jax.lax.pmean((value, grad, diagonal), axis_name)
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  return HutchinsonResult(
-      value=value,
-      grad=split.replace(zeros, grad),
-      diagonal=split.replace(zeros, diagonal),
-  )
-
-
-class HutchinsonState(NamedTuple):
-  """State of :func:`hutchinson_estimator`: the raw data of the probe key."""
-
-  key: jax.Array
+  check_params("hutchinson_diagonal", params)
+  value_fn = _checks.check_value_fn(value_fn, None, "hutchinson_diagonal")
+  state = init_state(key, n_samples=n_samples, distribution=distribution,
+                     axis_name=axis_name, owner="hutchinson_diagonal")
+  return estimate(value_fn, params, state, barrier=True)[0]
 
 
 def hutchinson_estimator(
@@ -309,9 +210,12 @@ def hutchinson_estimator(
     distribution: str = "rademacher",
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Hutchinson's Hessian-diagonal estimator as a gradient transformation.
+  r"""Hutchinson's Hessian-diagonal estimator, configured once.
 
-  Its ``update(updates, state, params, *, value_fn)`` ignores ``updates`` and
+  The estimator that :func:`scale_by_adahessian` takes as ``estimator=``, and
+  a gradient transformation in its own right: its ``init`` returns a
+  :class:`HutchinsonState` that holds the key and this configuration, and its
+  ``update(updates, state, params, *, value_fn)`` ignores ``updates`` and
   returns the signed estimate
   :math:`\frac{1}{S}\sum_s z_s \odot (H z_s)` (see
   :func:`hutchinson_diagonal`) cast to the params' dtypes, splitting its key
@@ -345,26 +249,126 @@ def hutchinson_estimator(
     Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
     Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
   """
-  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
-  _check_distribution(distribution)
-  typed = as_key(key, "hutchinson_estimator")
+  initial = init_state(key, n_samples=n_samples, distribution=distribution,
+                       axis_name=axis_name)
 
   def init_fn(params):
     del params
-    return HutchinsonState(key=jax.random.key_data(typed))
+    return initial
 
   def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
                 **extra_args):
     del updates, extra_args
-    if params is None:
-      raise ValueError("hutchinson_estimator.update needs params, got None")
+    check_params("hutchinson_estimator.update", params)
     fn = _checks.check_value_fn(value_fn, obj_fn, "hutchinson_estimator.update")
-    next_key, probe_key = split_key_data(state.key)
-    diagonal = estimate(
-        fn, params, probe_key, n_samples=n_samples,
-        distribution=distribution, axis_name=axis_name,
-        probes_first=False).diagonal
-    return (optax.tree.cast_like(diagonal, params),
-            HutchinsonState(key=next_key))
+    result, state = estimate(fn, params, state)
+    return optax.tree.cast_like(result.diagonal, params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HessianEstimate:
+  r"""A Hessian-diagonal estimate made by :func:`value_grad_and_hessian`.
+
+  Pass it as ``tx.update(grads, state, params, hessian=estimate)``: the
+  transformation takes the diagonal and the advanced estimator state from it,
+  so the fused and the plain step draw the same probes.
+
+  Attributes:
+    diagonal: the signed estimate :math:`\frac1S\sum_s z_s \odot H z_s`, a
+      pytree like params (at least float32).
+    estimator: the estimator's :class:`HutchinsonState` after this estimate.
+  """
+
+  diagonal: Any
+  estimator: HutchinsonState
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, HutchinsonState)
+
+
+def find_state(opt_state: Any, owner: str) -> HutchinsonState:
+  """The one :class:`HutchinsonState` in `opt_state`."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state)
+           if _is_state(x)]
+  if len(found) != 1:
+    what = "no" if not found else f"{len(found)}"
+    raise ValueError(
+        f"{owner}: opt_state holds {what} HutchinsonState (the state of a "
+        "Hutchinson estimator); pass the state of an optimizer with exactly "
+        "one AdaHessian (for several, pass the part of the state that "
+        "belongs to the one being refreshed)")
+  return found[0]
+
+
+def value_grad_and_hessian(
+    value_fn: Callable[[Any], jax.Array],
+    params: Any,
+    opt_state: Any,
+) -> tuple[jax.Array, Any, HessianEstimate]:
+  r"""The loss, its gradient and AdaHessian's estimate, from one pass.
+
+  The fused training step: one forward-over-reverse pass
+  ``jax.jvp(jax.grad(value_fn), (params,), (z,))`` yields the gradient
+  :math:`g` (its primal output) and :math:`Hz` (its tangent), so
+
+  .. math::
+    (f(\theta),\ g,\ \tfrac1S \textstyle\sum_s z_s \odot H z_s)
+
+  cost one Hessian-vector product and nothing more. Pass the gradient to
+  ``tx.update`` as the updates and the estimate as ``hessian=``::
+
+    loss, grads, hessian = aho.value_grad_and_hessian(loss_fn, params, state)
+    updates, state = tx.update(grads, state, params, hessian=hessian)
+
+  The estimator is the optimizer's own: its :class:`HutchinsonState` (key,
+  ``n_samples``, ``distribution``, ``axis_name``) is read from ``opt_state``,
+  which must hold exactly one, and the estimate carries the advanced state
+  back to ``update``, so the fused and the plain call
+  (``update(..., value_fn=...)``) give the same run. Calling this function
+  is a refresh: with ``update_interval=1`` call it on every step; to refresh
+  every ``k`` steps construct the optimizer with ``update_interval=None``
+  and call it on the refresh steps only, using :func:`jax.value_and_grad`
+  and ``update(..., hessian_refresh=False)`` on the others (the delayed
+  Hessian guide).
+
+  Args:
+    value_fn: the loss closure, ``params -> scalar``.
+    params: the params, as given to ``tx.update``.
+    opt_state: the optimizer state (or the part of it that holds the
+      estimator's state).
+
+  Returns:
+    ``(value, grad, hessian)``: the loss, its gradient (a pytree like params)
+    and a :class:`HessianEstimate` for ``tx.update(..., hessian=hessian)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum(jnp.array([1.0, 1e4]) * (p - 1.0) ** 2)
+    >>> tx = aho.adahessian(learning_rate=0.5, key=0)
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   value, grads, hessian = aho.value_grad_and_hessian(loss, params,
+    ...                                                      state)
+    ...   updates, state = tx.update(grads, state, params, hessian=hessian)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
+    >>> print(jnp.round(params, 3))
+    [1. 1.]
+
+  References:
+    Pearlmutter, `Fast Exact Multiplication by the Hessian
+    <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994.
+  """
+  state = find_state(opt_state, "value_grad_and_hessian")
+  check_params("value_grad_and_hessian", params)
+  value_fn = _checks.check_value_fn(value_fn, None, "value_grad_and_hessian")
+  result, state = estimate(value_fn, params, state, barrier=True)
+  return result.value, result.grad, HessianEstimate(result.diagonal, state)

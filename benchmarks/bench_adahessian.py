@@ -274,8 +274,7 @@ def make_train_step(problem, tx, style, n_samples=1, compiler_options=None):
       updates, opt_state = tx.update(jax.grad(loss)(params), opt_state,
                                      params, hessian_refresh=False)
     else:
-      _, grads, hessian = aho.value_grad_and_hessian(
-          loss, params, opt_state, n_samples=n_samples)
+      _, grads, hessian = aho.value_grad_and_hessian(loss, params, opt_state)
       updates, opt_state = tx.update(grads, opt_state, params,
                                      hessian=hessian)
     return optax.apply_updates(params, updates), opt_state
@@ -296,7 +295,8 @@ def threaded(step, params, opt_state, batch, pattern):
   return unit
 
 
-def adahessian(k=1, s=1):
+def adahessian(k=None, s=1):
+  """update_interval=None (the step decides each refresh) unless k is given."""
   return aho.adahessian(ADAHESSIAN_LR, key=0, update_interval=k, n_samples=s)
 
 

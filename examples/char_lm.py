@@ -5,9 +5,12 @@ from the running interpreter (no download; it differs a little between Python
 versions). A small pre-LayerNorm decoder is trained to predict the next
 character; AdaHessian averages its Hessian diagonal over blocks of 32 entries
 in the attention and dense kernels (the paper's block averaging for
-Transformers), refreshes the estimate every other step (the static
-``hessian_refresh`` pattern) and uses :class:`adahessian_optax.TrainState`
-to pass the loss closure through ``apply_gradients``.
+Transformers) and refreshes the estimate every other step. The training step
+is the fused one: on refresh steps ``aho.value_grad_and_hessian`` gives the
+loss, the gradient and the Hessian estimate from one jvp-over-grad pass; on
+the others a plain gradient; the two programs are chosen on the host
+(``update_interval=None``). :class:`adahessian_optax.TrainState` passes the
+estimate through ``apply_gradients``.
 
     python examples/char_lm.py            # the comparison, a few minutes
     python examples/char_lm.py --smoke    # a few seconds, for tests
@@ -110,9 +113,10 @@ def make_tx(name, lr, steps, args):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, lr, warmup_steps=max(1, steps // 10), decay_steps=steps)
   if name == "AdaHessian":
+    # update_interval=None: the training loop decides each refresh.
     return aho.adahessian(schedule, weight_decay=args.weight_decay,
                           key=args.seed, spatial_averaging=spatial_rules,
-                          update_interval=args.hessian_interval)
+                          update_interval=None)
   return optax.adamw(schedule, weight_decay=args.weight_decay)
 
 
@@ -132,15 +136,16 @@ def train(name, lr, data, model, val_loss, args, progress=True):
   @functools.partial(jax.jit, static_argnames="refresh")
   def train_step(state, batch, refresh):
     value_fn = functools.partial(loss_fn, apply_fn=state.apply_fn, batch=batch)
+    if uses_hessian and refresh:
+      # The fused step: loss, gradient and estimate from one pass.
+      loss, grads, hessian = aho.value_grad_and_hessian(
+          value_fn, state.params, state.opt_state)
+      return state.apply_gradients(grads=grads, hessian=hessian), loss
+    # refresh is a Python bool: the steps without a refresh compile to a
+    # program without the Hessian-vector product.
     loss, grads = jax.value_and_grad(value_fn)(state.params)
-    if uses_hessian:
-      # refresh is a Python bool: the steps without a refresh compile to a
-      # program without the Hessian-vector product.
-      state = state.apply_gradients(grads=grads, value_fn=value_fn,
-                                    hessian_refresh=refresh)
-    else:
-      state = state.apply_gradients(grads=grads)
-    return state, loss
+    extra = {"hessian_refresh": False} if uses_hessian else {}
+    return state.apply_gradients(grads=grads, **extra), loss
 
   rng = np.random.default_rng(args.seed)  # the same batches for both
   train_losses, val_curve = [], []

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import adahessian_optax as aho
-from adahessian_optax import _hutchinson
+from adahessian_optax import _probes
 
 # --- A separable loss: its exact Hessian diagonal is known in closed form, so
 # one Rademacher probe is exact and the NumPy reference needs no probes.
@@ -105,8 +105,8 @@ def run_optax(tx, loss, p, steps, *, refresh_fn=None, jit=True):
 
   def step(params, state, refresh):
     grads = jax.grad(loss)(params)
-    updates, state = tx.update(grads, state, params, value_fn=loss,
-                               hessian_refresh=refresh)
+    flag = {} if refresh is None else {"hessian_refresh": refresh}
+    updates, state = tx.update(grads, state, params, value_fn=loss, **flag)
     return optax.apply_updates(params, updates), state
 
   if jit:
@@ -162,10 +162,13 @@ def test_update_interval_matches_numpy_reference(x64, interval, static):
   coef, p0 = _coefficients(2), _params0(3)
   case = CASES[1]
   want = numpy_adahessian(coef, p0, 10, interval=interval, **case)
+  # Static: the caller decides each refresh (update_interval=None) with a
+  # Python bool; otherwise the transformation's schedule, at run time.
   tx = aho.adahessian(
       case["lr"], b1=case["b1"], b2=case["b2"], eps=case["eps"],
       weight_decay=case["wd"], hessian_power=case["power"], key=0,
-      spatial_averaging=JAX_RULES, update_interval=interval)
+      spatial_averaging=JAX_RULES,
+      update_interval=None if static else interval)
   refresh_fn = (lambda t: t % interval == 0) if static else None
   got, state = run_optax(tx, _jax_loss(coef), p0, 10, refresh_fn=refresh_fn)
   assert_trajectories_close(got, want)
@@ -179,20 +182,21 @@ def test_skipped_refresh_runs_no_hessian_product():
     calls.append(1)  # counts traces of the closure
     return jnp.sum(p ** 2)
 
-  tx = aho.scale_by_adahessian(key=0, update_interval=2)
+  manual = aho.scale_by_adahessian(key=0, update_interval=None)
   params = jnp.ones(3)
-  state = tx.init(params)
+  state = manual.init(params)
   jaxpr = jax.make_jaxpr(
-      lambda s: tx.update(params, s, params, value_fn=loss,
-                          hessian_refresh=False))(state)
+      lambda s: manual.update(params, s, params, value_fn=loss,
+                              hessian_refresh=False))(state)
   assert not calls and "cond" not in str(jaxpr)
+  scheduled = aho.scale_by_adahessian(key=0, update_interval=2)
   jaxpr = jax.make_jaxpr(
-      lambda s: tx.update(params, s, params, value_fn=loss))(state)
+      lambda s: scheduled.update(params, s, params, value_fn=loss))(state)
   assert calls and "cond" in str(jaxpr)
 
 
 def test_no_curvature_before_first_refresh_means_zero_step():
-  tx = aho.scale_by_adahessian(key=0)
+  tx = aho.scale_by_adahessian(key=0, update_interval=None)
   params = jnp.ones(3)
   state = tx.init(params)
   updates, state = tx.update(params, state, params, value_fn=jnp.sum,
@@ -224,10 +228,10 @@ def test_non_separable_with_probes_reproduced_in_numpy(x64):
   m = np.zeros(7)
   v = np.zeros(7)
   for t in range(6):
-    key, probe_key = _hutchinson.split_key_data(key)
+    key, probe_key = _probes.split(key)
     d = np.zeros(7)
     leaves = [jnp.zeros(shapes["u"]), jnp.zeros(shapes["w"])]
-    for z in _hutchinson.probes(probe_key, leaves, "gaussian", n):
+    for z in _probes.gaussian(probe_key, leaves, n):
       z = np.concatenate([np.asarray(z[0]), np.asarray(z[1]).reshape(-1)])
       d += z * (a @ z) / n
     g = a @ x + b
@@ -335,7 +339,8 @@ def test_non_finite_hessian_estimate_is_discarded_and_counted():
   assert int(bad.nonfinite_hessian_count) == 1
   assert int(bad.hessian_count) == int(good.hessian_count) == 1
   np.testing.assert_array_equal(bad.nu, good.nu)
-  assert not np.array_equal(bad.key, good.key)  # next refresh: new probes
+  # Next refresh: new probes.
+  assert not np.array_equal(bad.estimator.key, good.estimator.key)
   # The step uses the curvature known so far: |diag H| = 3 p^2 + 2.
   d = 3 * np.array([1.0, 4.0]) + 2
   g = np.array([3.0, -12.0])
@@ -456,22 +461,21 @@ def _fused_problem():
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
-    (dict(), [True] * 5),
-    (dict(update_interval=3), [True, False, False, True, False]),
-    (dict(n_samples=3), [True] * 4),
-    (dict(distribution="gaussian", n_samples=2), [True] * 4),
+    (dict(key=jax.random.key(5)), [True] * 5),
+    (dict(key=5, update_interval=None), [True, False, False, True, False]),
+    (dict(estimator=aho.hutchinson_estimator(5, n_samples=3)), [True] * 4),
+    (dict(key=5, distribution="gaussian", n_samples=2), [True] * 4),
 ])
 def test_fused_step_gives_the_plain_step_s_numbers(kwargs, pattern):
   params, loss = _fused_problem()
-  samples = dict(n_samples=kwargs.get("n_samples", 1),
-                 distribution=kwargs.get("distribution", "rademacher"))
   tx = optax.chain(optax.clip_by_global_norm(5.0),
-                   aho.adahessian(0.1, key=jax.random.key(5), **kwargs))
+                   aho.adahessian(0.1, **kwargs))
+  manual = kwargs.get("update_interval", 1) is None
 
   @functools.partial(jax.jit, static_argnames="refresh")
   def plain(p, s, refresh):
-    u, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss,
-                     hessian_refresh=refresh)
+    flag = {"hessian_refresh": refresh} if manual else {}
+    u, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss, **flag)
     return optax.apply_updates(p, u), s
 
   @functools.partial(jax.jit, static_argnames="refresh")
@@ -479,7 +483,7 @@ def test_fused_step_gives_the_plain_step_s_numbers(kwargs, pattern):
     if not refresh:
       u, s = tx.update(jax.grad(loss)(p), s, p, hessian_refresh=False)
       return optax.apply_updates(p, u), s
-    _, g, h = aho.value_grad_and_hessian(loss, p, s, **samples)
+    _, g, h = aho.value_grad_and_hessian(loss, p, s)
     u, s = tx.update(g, s, p, hessian=h)
     return optax.apply_updates(p, u), s
 
@@ -488,6 +492,7 @@ def test_fused_step_gives_the_plain_step_s_numbers(kwargs, pattern):
   for refresh in pattern:
     pa, sa = plain(pa, sa, refresh)
     pb, sb = fused(pb, sb, refresh)
+    assert jax.tree.structure(sa) == jax.tree.structure(sb)
     for x, y in zip(jax.tree.leaves((pa, sa)), jax.tree.leaves((pb, sb))):
       np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
   assert int(sb[1][0].hessian_count) == sum(pattern)
@@ -501,30 +506,38 @@ def _max_diff(a, b):
 
 def test_value_grad_and_hessian_against_jax_hessian():
   params, loss = _fused_problem()
-  tx = aho.scale_by_adahessian(key=2)
+  tx = aho.scale_by_adahessian(
+      estimator=aho.hutchinson_estimator(2, n_samples=2))
   state = tx.init(params)
-  value, grad, hessian = aho.value_grad_and_hessian(loss, params, state,
-                                                    n_samples=2)
+  value, grad, hessian = aho.value_grad_and_hessian(loss, params, state)
   np.testing.assert_allclose(value, loss(params), rtol=1e-6)
   for k in params:
     np.testing.assert_allclose(grad[k], jax.grad(loss)(params)[k], rtol=1e-5)
   flat = lambda t: jnp.concatenate([t["w"].reshape(-1), t["b"]])
   h = np.asarray(jax.hessian(lambda x: loss(
       {"w": x[:6].reshape(3, 2), "b": x[6:]}))(flat(params)), np.float64)
-  _, probe_key = _hutchinson.split_key_data(state.key)
+  # The configuration comes from the state: two Rademacher probes, drawn
+  # from the probe half of the state key's split (float leaves in tree
+  # order: b, then w).
+  next_key, probe_key = _probes.split(state.estimator.key)
   want = 0.0
-  for z in _hutchinson.probes(probe_key, [params["b"], params["w"]],
-                              "rademacher", 2):
+  for z in _probes.rademacher(probe_key, [params["b"], params["w"]], 2):
     z = np.concatenate([np.asarray(z[1]).reshape(-1), np.asarray(z[0])])
     want = want + z * (h @ z) / 2
   np.testing.assert_allclose(flat(hessian.diagonal), want, rtol=1e-4,
                              atol=1e-5)
-  assert hessian.n_samples == 2 and hessian.distribution == "rademacher"
+  assert hessian.estimator.n_samples == 2
+  np.testing.assert_array_equal(hessian.estimator.key, next_key)
+  # update adopts the advanced estimator state.
+  _, new_state = tx.update(grad, state, params, hessian=hessian)
+  np.testing.assert_array_equal(new_state.estimator.key, next_key)
 
 
 def test_fused_step_under_inject_hyperparams_and_masked():
   params, loss = _fused_problem()
-  inner = optax.inject_hyperparams(aho.adahessian)(learning_rate=0.1, key=1)
+  inner = optax.inject_hyperparams(
+      aho.adahessian, static_args=("update_interval",))(learning_rate=0.1,
+                                                         key=1)
   tx = optax.masked(inner, {"w": True, "b": False})
   state = tx.init(params)
   _, g, h = aho.value_grad_and_hessian(loss, params, state)
@@ -542,28 +555,155 @@ def test_fused_step_errors_name_the_problem():
   tx = aho.scale_by_adahessian(key=0)
   state = tx.init(params)
   _, g, h = aho.value_grad_and_hessian(loss, params, state)
-  with pytest.raises(ValueError, match="n_samples=1, but .* has n_samples=3"):
-    aho.scale_by_adahessian(key=0, n_samples=3).update(g, state, params,
-                                                        hessian=h)
-  with pytest.raises(ValueError, match="distribution='gaussian'"):
-    aho.scale_by_adahessian(key=0, distribution="gaussian").update(
-        g, state, params, hessian=h)
-  with pytest.raises(ValueError, match="hessian_refresh=False"):
-    tx.update(g, state, params, hessian=h, hessian_refresh=False)
+  other = aho.scale_by_adahessian(key=0, n_samples=3)
+  with pytest.raises(ValueError, match="another estimator's state"):
+    other.update(g, other.init(params), params, hessian=h)
+  with pytest.raises(ValueError, match="already schedules"):
+    tx.update(g, state, params, hessian=h, hessian_refresh=True)
+  manual = aho.scale_by_adahessian(key=0, update_interval=None)
+  with pytest.raises(ValueError, match="hessian_refresh=False; passing an"):
+    manual.update(g, state, params, hessian=h, hessian_refresh=False)
   with pytest.raises(ValueError, match="hessian_refresh=Array"):
-    tx.update(g, state, params, hessian=h, hessian_refresh=jnp.array(True))
+    manual.update(g, state, params, hessian=h,
+                  hessian_refresh=jnp.array(True))
+  with pytest.raises(ValueError, match="update_interval=3 whether this step"):
+    aho.scale_by_adahessian(key=0, update_interval=3).update(
+        g, state, params, hessian=h)
+  with pytest.raises(ValueError, match="both hessian= and a loss closure"):
+    tx.update(g, state, params, hessian=h, value_fn=loss)
   with pytest.raises(TypeError, match="HessianEstimate.*got dict"):
     tx.update(g, state, params, hessian=g)
   with pytest.raises(ValueError, match="hessian.diagonal and params"):
     tx.update(g, state, params,
-              hessian=aho.HessianEstimate({"w": g["w"]}))
-  with pytest.raises(ValueError, match="holds no ScaleByAdaHessianState"):
+              hessian=aho.HessianEstimate({"w": g["w"]}, h.estimator))
+  with pytest.raises(ValueError, match="holds no HutchinsonState"):
     aho.value_grad_and_hessian(loss, params, optax.adam(1.0).init(params))
   two = (state, state)
-  with pytest.raises(ValueError, match="holds 2 ScaleByAdaHessianState"):
+  with pytest.raises(ValueError, match="holds 2 HutchinsonState"):
     aho.value_grad_and_hessian(loss, params, two)
   with pytest.raises(ValueError, match="needs the loss closure"):
     tx.update(g, state, params)  # neither hessian nor value_fn
   # Without a refresh, no closure is needed.
-  u, s = tx.update(g, state, params, hessian_refresh=False)
+  u, s = manual.update(g, state, params, hessian_refresh=False)
   assert int(s.hessian_count) == 0
+
+
+# --- The refresh rule and its dispatcher.
+
+
+def test_estimator_is_configured_in_one_place():
+  est = aho.hutchinson_estimator(3, n_samples=2, distribution="gaussian")
+  params = jnp.ones(2)
+  state = aho.adahessian(0.1, estimator=est).init(params)[0]
+  assert (state.estimator.n_samples, state.estimator.distribution) == (
+      2, "gaussian")
+  # The 0.1 keywords build the same estimator.
+  same = aho.adahessian(0.1, key=3, n_samples=2,
+                        distribution="gaussian").init(params)[0]
+  assert jax.tree.structure(same) == jax.tree.structure(state)
+  np.testing.assert_array_equal(same.estimator.key, state.estimator.key)
+  for kwargs in (dict(key=0), dict(n_samples=2), dict(distribution="gaussian"),
+                 dict(axis_name="i")):
+    with pytest.raises(ValueError, match="estimator= and also"):
+      aho.adahessian(0.1, estimator=est, **kwargs)
+  with pytest.raises(TypeError, match="estimator must be"):
+    aho.adahessian(0.1, estimator="hutchinson")
+  with pytest.raises(TypeError, match="its init returned"):
+    aho.adahessian(0.1, estimator=optax.adam(0.1)).init(params)
+
+
+@pytest.mark.parametrize("interval,flag,hessian,want", [
+    (1, None, False, True),          # every step, known when tracing
+    (1, None, True, True),           # the fused step on every step
+    (None, True, False, True),       # the caller decides, statically
+    (None, False, False, False),
+    (None, None, True, True),        # an estimate given is a refresh
+    (None, True, True, True),
+    (3, None, False, "count % 3"),   # decided at run time
+])
+def test_refresh_rule(interval, flag, hessian, want):
+  from adahessian_optax import _adahessian  # pylint: disable=import-outside-toplevel
+  count = jnp.int32(6)
+  got = _adahessian.refresh_predicate(interval, count, flag,
+                                      object() if hessian else None)
+  if want == "count % 3":
+    assert isinstance(got, jax.Array) and bool(got)
+    assert not bool(_adahessian.refresh_predicate(3, count + 1, None, None))
+  else:
+    assert got is want
+
+
+@pytest.mark.parametrize("interval,flag,hessian,match", [
+    (1, True, False, "already schedules"),
+    (2, False, False, "already schedules"),
+    (2, None, True, "decided at run time"),
+    (jnp.asarray(1), None, True, "decided at run time"),
+    (None, None, False, "decides each refresh"),
+    (None, False, True, "passing an estimate refreshes"),
+])
+def test_contradictory_refresh_inputs_are_errors(interval, flag, hessian,
+                                                 match):
+  from adahessian_optax import _adahessian  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=match):
+    _adahessian.refresh_predicate(interval, jnp.int32(0), flag,
+                                  object() if hessian else None)
+
+
+def _conv_problem():
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 4)) * 0.3
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 2))
+
+  def loss(k):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.mean(jnp.tanh(y) ** 2)
+  return kernel, loss
+
+
+def _run_interval(loss, params, steps, interval):
+  tx = aho.adahessian(0.05, key=0, update_interval=interval)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p,
+                                        value_fn=loss))
+  state = tx.init(params)
+  out = []
+  for _ in range(steps):
+    u, state = step(params, state)
+    params = optax.apply_updates(params, u)
+    out.append(params)
+  return out, state, step
+
+
+def test_run_time_refresh_of_a_convolution_on_cpu_selects_and_warns():
+  kernel, loss = _conv_problem()
+  assert jax.default_backend() == "cpu"
+  with pytest.warns(aho.PerformanceWarning, match="update_interval=None"):
+    got, state, step = _run_interval(loss, kernel, 5, 2)
+  # No lax.cond in the program: the product runs every step, and the
+  # schedule picks which estimates enter nu.
+  tx = aho.adahessian(0.05, key=0, update_interval=2)
+  with pytest.warns(aho.PerformanceWarning):
+    text = str(jax.make_jaxpr(lambda p, s: tx.update(
+        jax.grad(loss)(p), s, p, value_fn=loss))(kernel, tx.init(kernel)))
+  assert " cond[" not in text
+  assert int(state[0].hessian_count) == 3
+  # The same run as the caller's static decision on the same steps.
+  manual = aho.adahessian(0.05, key=0, update_interval=None)
+  mstep = jax.jit(lambda p, s, r: manual.update(
+      jax.grad(loss)(p), s, p, value_fn=loss, hessian_refresh=r),
+                  static_argnums=2)
+  params, mstate = kernel, manual.init(kernel)
+  for t in range(5):
+    u, mstate = mstep(params, mstate, t % 2 == 0)
+    params = optax.apply_updates(params, u)
+    np.testing.assert_allclose(params, got[t], rtol=1e-5, atol=1e-7)
+  # The estimator's key advances only on refresh steps, as with the cond.
+  np.testing.assert_array_equal(mstate[0].estimator.key,
+                                state[0].estimator.key)
+
+
+def test_run_time_refresh_without_convolution_uses_cond():
+  params, loss = _fused_problem()
+  tx = aho.adahessian(0.05, key=0, update_interval=2)
+  text = str(jax.make_jaxpr(lambda p, s: tx.update(
+      jax.grad(loss)(p), s, p, value_fn=loss))(params, tx.init(params)))
+  assert " cond[" in text

@@ -136,7 +136,7 @@ def test_state_key_is_raw_uint32_data():
   # Raw key data (not a typed key) is what lets msgpack serialise the state.
   params, _ = _problem()
   for key in (3, jax.random.key(3), jax.random.PRNGKey(3)):
-    state = aho.scale_by_adahessian(key=key).init(params)
+    state = aho.scale_by_adahessian(key=key).init(params).estimator
     assert state.key.dtype == jnp.uint32
     np.testing.assert_array_equal(state.key,
                                   jax.random.key_data(jax.random.key(3)))
@@ -145,7 +145,7 @@ def test_state_key_is_raw_uint32_data():
   # A non-default PRNG implementation is kept through the raw data too.
   tx = aho.scale_by_adahessian(key=jax.random.key(3, impl="rbg"))
   state = tx.init(params)
-  assert state.key.shape == jax.random.key_data(
+  assert state.estimator.key.shape == jax.random.key_data(
       jax.random.key(3, impl="rbg")).shape
   restored = serialization.from_bytes(tx.init(params),
                                       serialization.to_bytes(state))
@@ -157,7 +157,7 @@ def test_resume_with_static_refresh_pattern(use_orbax, tmp_path):
   # The documented fast pattern: hessian_refresh static, decided from a step
   # counter that is itself checkpointed.
   params0, loss = _problem()
-  tx = aho.adahessian(0.1, key=0, update_interval=3)
+  tx = aho.adahessian(0.1, key=0, update_interval=None)
 
   @functools.partial(jax.jit, static_argnames="refresh")
   def step(params, state, refresh):

@@ -227,7 +227,7 @@ def test_nnx_jitted_training_reduces_loss_with_static_refresh():
 
   tx = optax.chain(
       optax.clip_by_global_norm(10.0),
-      aho.adahessian(0.1, key=0, update_interval=2,
+      aho.adahessian(0.1, key=0, update_interval=None,
                      spatial_averaging=kernel_blocks))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -356,7 +356,7 @@ def test_linen_train_state_without_extra_args_is_flax():
 
 
 def test_linen_jitted_training_reduces_loss_with_static_refresh():
-  state, x, y = _linen_setup(aho.adahessian(0.1, key=1, update_interval=3),
+  state, x, y = _linen_setup(aho.adahessian(0.1, key=1, update_interval=None),
                              seed=4)
   step_fn = jax.jit(_linen_step, static_argnames="refresh")
 

@@ -5,14 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adahessian_optax import _hutchinson
+from adahessian_optax import _probes
 
 
 def rademacher(key, shape, dtype):
   """One Rademacher probe for a single leaf, as the estimators draw it."""
   leaf = jnp.zeros(shape, dtype)
-  return _hutchinson.probes(jax.random.key_data(key), [leaf], "rademacher",
-                            1)[0][0]
+  return _probes.rademacher(jax.random.key_data(key), [leaf], 1)[0][0]
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (31,), (33,), (7, 5), (3, 3, 2, 4),
@@ -64,7 +63,7 @@ def test_keys_give_different_probes_and_vmap_matches_loop():
 def test_probes_of_several_leaves_and_samples_are_one_stream_in_order():
   leaves = [jnp.zeros((3, 5)), jnp.zeros((7,), jnp.bfloat16), jnp.zeros(())]
   key_data = jax.random.key_data(jax.random.key(4))
-  got = _hutchinson.probes(key_data, leaves, "rademacher", 3)
+  got = _probes.rademacher(key_data, leaves, 3)
   flat = np.asarray(rademacher(jax.random.key(4), (3 * 23,),
                                            jnp.float32))
   start = 0
@@ -81,7 +80,7 @@ def test_probes_of_several_leaves_and_samples_are_one_stream_in_order():
 def test_split_key_data_gives_new_distinct_keys_of_the_same_shape():
   for key in (jax.random.key(0), jax.random.key(0, impl="rbg")):
     data = jax.random.key_data(key)
-    nxt, probe = _hutchinson.split_key_data(data)
+    nxt, probe = _probes.split(data)
     assert nxt.shape == probe.shape == data.shape
     assert nxt.dtype == probe.dtype == jnp.uint32
     assert len({tuple(np.asarray(x).tolist()) for x in (data, nxt, probe)}) == 3
