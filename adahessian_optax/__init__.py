@@ -6,6 +6,8 @@ from adahessian_optax._adahessian import scale_by_adahessian
 from adahessian_optax._adahessian import ScaleByAdaHessianState
 from adahessian_optax._compose import masked_value_fn
 from adahessian_optax._compose import unmask_params
+from adahessian_optax._curvature import sub_batch_value_fn
+from adahessian_optax._curvature import SubBatchValueFn
 from adahessian_optax._hutchinson import HessianEstimate
 from adahessian_optax._hutchinson import hutchinson_diagonal
 from adahessian_optax._hutchinson import hutchinson_estimator
@@ -56,6 +58,8 @@ __all__ = (
     "scale_by_adahessian",
     "ScaleByAdaHessianState",
     "SpatialRule",
+    "sub_batch_value_fn",
+    "SubBatchValueFn",
     "TrainState",
     "unmask_params",
     "value_grad_and_hessian",
