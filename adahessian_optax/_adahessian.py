@@ -4,13 +4,13 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import warnings
 
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import optax
 import optax.tree
 
 from adahessian_optax import _checks
 from adahessian_optax import _compose
+from adahessian_optax import _curvature
 from adahessian_optax import _hutchinson
 from adahessian_optax import _probes
 from adahessian_optax import _spatial
@@ -146,24 +146,6 @@ def refresh_predicate(update_interval, count, hessian_refresh, hessian):
   return count % update_interval == 0
 
 
-def _has_convolution(jaxpr) -> bool:
-  return (any(eqn.primitive.name == "conv_general_dilated"
-              for eqn in jaxpr.eqns)
-          or any(_has_convolution(sub)
-                 for sub in jax_core.subjaxprs(jaxpr)))
-
-
-def _cond_is_slow(refresh, curvature) -> bool:
-  """Whether `lax.cond` would run the refresh slower than at top level.
-
-  On XLA:CPU, convolution gradients inside control flow run as generic loops
-  (about 17x slower); matrix products are not affected.
-  """
-  if jax.default_backend() != "cpu":
-    return False
-  return _has_convolution(jax.make_jaxpr(refresh)(curvature).jaxpr)
-
-
 _SLOW_COND_MESSAGE = (
     "adahessian_optax: the loss has convolutions and runs on XLA:CPU, where "
     "their gradients inside lax.cond run as slow generic loops, so a "
@@ -187,7 +169,7 @@ def dispatch(refresh, refresh_fn, curvature: _Curvature) -> _Curvature:
     return refresh_fn(curvature)
   if refresh is False:
     return curvature
-  if _cond_is_slow(refresh_fn, curvature):
+  if _curvature.control_flow_is_slow(refresh_fn, curvature):
     warnings.warn(_SLOW_COND_MESSAGE, PerformanceWarning)
     return optax.tree.where(refresh, refresh_fn(curvature), curvature)
   return jax.lax.cond(refresh, refresh_fn, lambda c: c, curvature)

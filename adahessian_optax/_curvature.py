@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 
 from adahessian_optax import _compose
@@ -35,6 +36,23 @@ def scalar_loss(value_fn: Callable[[Any], Any], params: Any) -> jax.Array:
   return out
 
 
+def _has_convolution(jaxpr) -> bool:
+  return (any(eqn.primitive.name == "conv_general_dilated"
+              for eqn in jaxpr.eqns)
+          or any(_has_convolution(sub) for sub in jax_core.subjaxprs(jaxpr)))
+
+
+def control_flow_is_slow(fn: Callable[..., Any], *args: Any) -> bool:
+  """Whether `fn` runs much slower inside `lax.cond` or `lax.scan`.
+
+  On XLA:CPU, convolution gradients inside control flow run as generic loops
+  (about 17x slower than at top level); matrix products are not affected.
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  return _has_convolution(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 @dataclasses.dataclass(frozen=True)
 class SubBatchValueFn:
   """A mean loss over a batch whose Hessian is taken on its first examples.
@@ -42,33 +60,40 @@ class SubBatchValueFn:
   Made by :func:`sub_batch_value_fn`. Called on params it is the loss of the
   whole batch, ``w * loss_fn(p, head) + (1 - w) * loss_fn(p, tail)`` with
   ``w = size / n``; the curvature core takes Hessian-vector products of the
-  head alone.
+  head alone, in ``chunks`` sequential pieces.
 
   Attributes:
     loss_fn: ``(params, batch) -> scalar``, a mean over the batch's examples.
     batch: a pytree of arrays with the examples along their leading axis.
     size: the number of leading examples the Hessian is taken on.
+    chunks: the number of equal pieces the head is processed in.
   """
 
   loss_fn: Callable[[Any, Any], jax.Array]
   batch: Any
   size: int
+  chunks: int = 1
 
-  def parts(self) -> tuple[float, Callable, Optional[Callable]]:
-    """`(w, head loss weighted by w, tail loss weighted by 1 - w or None)`."""
+  def head_chunks(self) -> tuple[float, list]:
+    """`(weight, pieces)`: the head's pieces, each weighted by its share."""
+    n, piece = batch_size(self.batch), self.size // self.chunks
+    pieces = [jax.tree.map(lambda x, i=i: x[i * piece:(i + 1) * piece],
+                           self.batch) for i in range(self.chunks)]
+    return piece / n, pieces
+
+  def tail(self) -> Optional[Callable[[Any], jax.Array]]:
+    """The tail's loss, weighted by its share of the batch, or None."""
     n = batch_size(self.batch)
-    w = self.size / n
-    head = jax.tree.map(lambda x: x[:self.size], self.batch)
-    head_fn = lambda p: w * self.loss_fn(p, head)
     if self.size == n:
-      return w, head_fn, None
-    tail = jax.tree.map(lambda x: x[self.size:], self.batch)
-    return w, head_fn, lambda p: (1 - w) * self.loss_fn(p, tail)
+      return None
+    examples = jax.tree.map(lambda x: x[self.size:], self.batch)
+    return lambda p: (1 - self.size / n) * self.loss_fn(p, examples)
 
   def __call__(self, params: Any) -> jax.Array:
-    _, head_fn, tail_fn = self.parts()
-    value = head_fn(params)
-    return value if tail_fn is None else value + tail_fn(params)
+    weight, pieces = self.head_chunks()
+    value = sum(weight * self.loss_fn(params, b) for b in pieces)
+    tail = self.tail()
+    return value if tail is None else value + tail(params)
 
 
 def batch_size(batch: Any) -> int:
@@ -83,7 +108,8 @@ def batch_size(batch: Any) -> int:
 
 
 def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
-                       fraction: float) -> SubBatchValueFn:
+                       fraction: float = 1.0, *,
+                       chunks: int = 1) -> SubBatchValueFn:
   r"""A loss closure whose Hessian is estimated on a fraction of the batch.
 
   As Sophia does, the gradient comes from the whole batch and the
@@ -93,15 +119,24 @@ def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
   :math:`H_m z` (the Hessian of :math:`L_m`, so the estimate is unbiased for
   the sub-batch's Hessian diagonal) and the gradient as the sum of the two
   parts' gradients, so that the sub-batch's gradient is the primal output of
-  the same forward-over-reverse pass: a step costs about
+  the same forward-over-reverse pass: the fused step costs about
   :math:`1 + (F - 1) f` gradients, :math:`F` the cost of one product.
+
+  With ``chunks`` :math:`= c > 1` the sub-batch is processed in :math:`c`
+  equal pieces one after the other (:func:`jax.lax.scan`), so that a refresh
+  step holds the tangent activations of :math:`m / c` examples only: the
+  same numbers with less memory, for models whose activations dominate it
+  (a Transformer's, not an MLP's, whose tangents are parameter-sized).
+  Where control flow is slow (convolutions on XLA:CPU) the pieces are
+  unrolled instead, and the memory saved is up to XLA's scheduler.
 
   Use it wherever a loss closure goes: ``value_grad_and_hessian``,
   ``update(..., value_fn=...)``, :func:`hutchinson_diagonal`. Called on
   params it returns the loss of the whole batch, so in the plain call compute
   the gradient of this closure (``jax.grad(value_fn)``), which XLA can then
-  share with the estimator's pass. The loss must be a mean over independent
-  examples: with BatchNorm in training mode, the two parts would be
+  share with the estimator's pass (not across the chunks' loop: with
+  ``chunks > 1`` use the fused step). The loss must be a mean over
+  independent examples: with BatchNorm in training mode, the parts would be
   normalised with their own statistics.
 
   Args:
@@ -110,6 +145,8 @@ def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
     batch: a pytree of arrays with the examples along their leading axis
       (shuffled, so that its first examples are a random sub-batch).
     fraction: :math:`f \in (0, 1]`, the share of the batch for the Hessian.
+    chunks: the number of pieces the sub-batch is processed in; it must
+      divide :math:`m`.
 
   Returns:
     A :class:`SubBatchValueFn` (a callable ``params -> scalar``).
@@ -124,6 +161,10 @@ def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
     2.5
     >>> print(aho.hutchinson_diagonal(value_fn, jnp.ones(()), 0).diagonal)
     3.0
+
+  References:
+    Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
+    Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
   """
   if not callable(loss_fn):
     raise TypeError(
@@ -135,8 +176,17 @@ def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
     raise ValueError(
         f"sub_batch_value_fn: fraction must be a number in (0, 1], got "
         f"{fraction!r}")
+  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+    raise ValueError(
+        f"sub_batch_value_fn: chunks must be an int >= 1, got {chunks!r}")
   n = batch_size(batch)
-  return SubBatchValueFn(loss_fn, batch, max(1, min(n, round(fraction * n))))
+  size = max(1, min(n, round(fraction * n)))
+  if size % chunks:
+    raise ValueError(
+        f"sub_batch_value_fn: chunks={chunks} does not divide the "
+        f"{size} examples of the Hessian's sub-batch (fraction={fraction} "
+        f"of {n})")
+  return SubBatchValueFn(loss_fn, batch, size, chunks)
 
 
 def _value_and_grad_of_leaves(value_fn, params, axis_name):
@@ -156,51 +206,99 @@ def _value_and_grad_of_leaves(value_fn, params, axis_name):
   return jax.value_and_grad(loss_of_leaves), split.select(params)
 
 
-def _split(value_fn):
-  """`(w, the function products are taken of, the rest or None)`."""
-  if isinstance(value_fn, SubBatchValueFn):
-    return value_fn.parts()
-  return 1.0, value_fn, None
-
-
-def _with_rest(value, grad, rest_fn, params, axis_name):
-  """Adds the value and gradient of the part without products."""
-  if rest_fn is None:
-    return value, grad
-  value_and_grad, leaves = _value_and_grad_of_leaves(rest_fn, params,
+def _products_of(value_fn, params, tangents, combine, axis_name):
+  """`(value, grad, combine(tangents, [H t]))` for a plain closure."""
+  value_and_grad, leaves = _value_and_grad_of_leaves(value_fn, params,
                                                      axis_name)
-  rest_value, rest_grad = value_and_grad(leaves)
-  return value + rest_value, [a + b for a, b in zip(grad, rest_grad)]
+  if len(tangents) == 1:
+    (value, grad), (_, hv) = jax.jvp(value_and_grad, (leaves,),
+                                     (tangents[0],))
+    return value, grad, combine(tangents, [hv])
+  # One primal pass, then a tangent pass per product: on XLA:CPU this beat
+  # vmapping the tangents (batched tangents got slow layouts: 1.3x for 8).
+  (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
+  return value, grad, combine(tangents, [tangent_map(t)[1] for t in tangents])
+
+
+def _tree_sum(trees: list) -> Any:
+  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *trees)
+
+
+def _chunked_products(value_fn, params, tangents, combine, axis_name):
+  """`_products_of` summed over the head's pieces, one after the other."""
+  weight, pieces = value_fn.head_chunks()
+  one = lambda examples: _products_of(
+      lambda p: weight * value_fn.loss_fn(p, examples), params, tangents,
+      combine, axis_name)
+  if len(pieces) == 1 or control_flow_is_slow(one, pieces[0]):
+    return _tree_sum([one(b) for b in pieces])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(one, pieces[0]))
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *pieces)
+  return jax.lax.scan(lambda total, b: (_tree_sum([total, one(b)]), None),
+                      zeros, stacked)[0]
+
+
+def _plus_tail(value, grad, tail, params, axis_name):
+  """Adds the value and gradient of the part without products, if any."""
+  if tail is None:
+    return value, grad
+  value_and_grad, leaves = _value_and_grad_of_leaves(tail, params, axis_name)
+  tail_value, tail_grad = value_and_grad(leaves)
+  return value + tail_value, [a + b for a, b in zip(grad, tail_grad)]
+
+
+def products(value_fn: Callable[[Any], jax.Array], params: Any,
+             tangents: list, combine: Callable[[list, list], Any], *,
+             axis_name: Optional[str] = None):
+  """`(value, grad, combine(tangents, [H t for t in tangents]))`.
+
+  `tangents` is a list of tangents, each a list like the float leaves of
+  `params`; `combine` must be linear in the products (they may be summed
+  over pieces of a batch before it sees them). One forward-over-reverse pass
+  for one tangent; one primal pass and a tangent pass each for several. For
+  a :class:`SubBatchValueFn`, the products are those of the sub-batch's loss
+  and the value and gradient those of the whole batch. Not yet averaged over
+  `axis_name` (see `axis_mean`).
+  """
+  if not isinstance(value_fn, SubBatchValueFn):
+    return _products_of(value_fn, params, tangents, combine, axis_name)
+  w = value_fn.size / batch_size(value_fn.batch)
+  value, grad, combined = _chunked_products(
+      value_fn, params, tangents,
+      lambda ts, hs: combine(ts, [[h / w for h in hv] for hv in hs]),
+      axis_name)
+  value, grad = _plus_tail(value, grad, value_fn.tail(), params, axis_name)
+  return value, grad, combined
 
 
 def value_grad_hvp(value_fn: Callable[[Any], jax.Array], params: Any,
                    tangent: list, *, axis_name: Optional[str] = None):
-  """`(value, grad, H tangent)` from one jvp-over-grad pass.
+  """`(value, grad, H tangent)` from one jvp-over-grad pass (see `products`).
 
   `tangent`, `grad` and the product are lists like the float leaves of
-  `params`. Not yet averaged over `axis_name` (see `axis_mean`). For a
-  :class:`SubBatchValueFn` the product is that of the sub-batch's loss.
+  `params`.
   """
-  w, hvp_fn, rest_fn = _split(value_fn)
-  value_and_grad, leaves = _value_and_grad_of_leaves(hvp_fn, params,
-                                                     axis_name)
-  (value, grad), (_, hv) = jax.jvp(value_and_grad, (leaves,), (tangent,))
-  value, grad = _with_rest(value, grad, rest_fn, params, axis_name)
-  return value, grad, hv if w == 1.0 else [h / w for h in hv]
+  return products(value_fn, params, [tangent], lambda ts, hs: hs[0],
+                  axis_name=axis_name)
 
 
 def linearize(value_fn: Callable[[Any], jax.Array], params: Any, *,
               axis_name: Optional[str] = None):
   """`(value, grad, hvp)`: the primal pass once, `hvp(v)` a tangent pass each.
 
-  For several products at the same params: on XLA:CPU this beat vmapping
-  the tangents (batched tangents got slow layouts: 1.3x the time for 8).
+  For many products at the same params (the analysis tools). The products
+  of a :class:`SubBatchValueFn` are its whole head's, unchunked.
   """
-  w, hvp_fn, rest_fn = _split(value_fn)
-  value_and_grad, leaves = _value_and_grad_of_leaves(hvp_fn, params,
-                                                     axis_name)
+  head, w, tail = value_fn, 1.0, None
+  if isinstance(value_fn, SubBatchValueFn):
+    w = value_fn.size / batch_size(value_fn.batch)
+    examples = jax.tree.map(lambda x: x[:value_fn.size], value_fn.batch)
+    head = lambda p: w * value_fn.loss_fn(p, examples)
+    tail = value_fn.tail()
+  value_and_grad, leaves = _value_and_grad_of_leaves(head, params, axis_name)
   (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
-  value, grad = _with_rest(value, grad, rest_fn, params, axis_name)
+  value, grad = _plus_tail(value, grad, tail, params, axis_name)
   if w == 1.0:
     return value, grad, lambda v: tangent_map(v)[1]
   return value, grad, lambda v: [h / w for h in tangent_map(v)[1]]
