@@ -1,6 +1,6 @@
 """How XLA:CPU's two-thread run time of a Hessian pass moves with tiny edits.
 
-The main benchmark finds the small CNN's AdaHessian step 1.1-1.2x its
+The step benchmark (``bench_adahessian.py``) found the small CNN's AdaHessian step 1.1-1.2x its
 Hessian-vector product (HVP) in wall time on two threads, but 1.0x in CPU time
 on one core. This script takes the HVP program (probe given as an input) and
 changes only what it returns, by amounts of work that are negligible next to
@@ -15,7 +15,7 @@ and reports each against ``hvp``, together with the gradient, the Adam step
 and the fused AdaHessian step. Every program is compiled twice: with XLA:CPU's
 default scheduler and with ``xla_cpu_scheduler_type`` set to
 ``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``; both are timed in the same rounds.
-Ratios are medians of within-round ratios, as in ``bench_adahessian.py``.
+Ratios are medians of within-round ratios (``_timing.py``).
 
 Usage::
 
@@ -27,27 +27,17 @@ import argparse
 import os
 import sys
 
-if __name__ == "__main__":
-  PARSER = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  PARSER.add_argument("--threads", type=int, choices=(1, 2), default=2)
-  PARSER.add_argument("--models", default="cnn")
-  PARSER.add_argument("--rounds", type=int, default=20)
-  PARSER.add_argument("--block", type=float, default=0.3,
-                      help="seconds per timed block")
-  ARGS = PARSER.parse_args()
-  if ARGS.threads == 1:
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-import time  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-import bench_adahessian as bench  # noqa: E402
+import _models  # noqa: E402
+import _steps  # noqa: E402
+import _timing  # noqa: E402
 
 EDITS = {
     "hvp": lambda z, g, hz: (g, hz),
@@ -66,9 +56,7 @@ SCHEDULERS = {
 def variants_for(problem, scheduler):
   options = SCHEDULERS[scheduler]
   at = f" [{scheduler}]"
-  params = problem.params
-  batch = (jnp.asarray(problem.inputs), jnp.asarray(problem.labels))
-  loss = problem.loss
+  params, batch, loss = problem.params, problem.batch, problem.loss
   tangent = optax.tree.random_like(jax.random.key(1), params,
                                    jax.random.normal)
 
@@ -77,38 +65,42 @@ def variants_for(problem, scheduler):
       g, hz = jax.jvp(jax.grad(lambda q: loss(q, b)), (p,), (z,))
       return edit(z, g, hz)
     fn = jax.jit(run, compiler_options=options)
-    return bench.jax_unit(lambda: fn(params, tangent, batch))
+    return _timing.jax_unit(lambda: fn(params, tangent, batch))
 
   grad_fn = jax.jit(jax.grad(loss), compiler_options=options)
-  adam = optax.adam(bench.ADAM_LR)
-  tx = bench.adahessian()
-  out = [bench.Variant("grad" + at,
-                       bench.jax_unit(lambda: grad_fn(params, batch)))]
-  out += [bench.Variant(name + at, hvp_with(edit))
+  adam, tx = _steps.adam(), _steps.adahessian()
+  out = [_timing.Variant("grad" + at,
+                         _timing.jax_unit(lambda: grad_fn(params, batch)))]
+  out += [_timing.Variant(name + at, hvp_with(edit))
           for name, edit in EDITS.items()]
   out += [
-      bench.Variant("adam step" + at, bench.threaded(
-          bench.make_train_step(problem, adam, "adam",
-                                compiler_options=options), params,
-          adam.init(params), batch, [None])),
-      bench.Variant("adahessian step (fused)" + at, bench.threaded(
-          bench.make_train_step(problem, tx, "fused",
-                                compiler_options=options), params,
-          tx.init(params), batch, [True])),
+      _timing.Variant("adam step" + at, _timing.stepping(
+          _steps.train_step(problem, adam, "adam", compiler_options=options),
+          params, adam.init(params), batch, [None])),
+      _timing.Variant("adahessian step (fused)" + at, _timing.stepping(
+          _steps.train_step(problem, tx, "fused", compiler_options=options),
+          params, tx.init(params), batch, [True])),
   ]
   return out
 
 
-def main(args):
-  clock = time.process_time if args.threads == 1 else time.perf_counter
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--threads", type=int, choices=(1, 2), default=2)
+  parser.add_argument("--models", default="cnn")
+  parser.add_argument("--rounds", type=int, default=20)
+  parser.add_argument("--block", type=float, default=0.3,
+                      help="seconds per timed block")
+  args = parser.parse_args(argv)
+  clock = _timing.configure(args.threads)
   print(f"jax {jax.__version__}; {args.threads} thread(s), "
         f"{'process CPU' if args.threads == 1 else 'wall'} time, "
         f"{args.rounds} rounds")
-  for problem in bench.make_problems(args.models.split(","), quick=False):
+  for problem in _models.make_problems(args.models.split(",")):
     variants = [v for scheduler in SCHEDULERS
                 for v in variants_for(problem, scheduler)]
-    bench.calibrate(variants, args.block, clock)
-    bench.run_rounds(variants, args.rounds, clock)
+    _timing.calibrate(variants, args.block, clock)
+    _timing.run_rounds(variants, args.rounds, clock)
     by = {v.name: v for v in variants}
     print(f"\n[{problem.name}] ms per call (median); in brackets: over the "
           "default-scheduler program (quartiles)\n")
@@ -119,21 +111,21 @@ def main(args):
       row = [name]
       for scheduler in SCHEDULERS:
         v = by[f"{name} [{scheduler}]"]
-        rel = bench.ratio(by, v.name, f"{name} [default]")
-        row.append(f"{bench.med_ms(v):.1f} ({rel['median']:.2f})")
+        rel = _timing.ratio(by, v.name, f"{name} [default]")
+        row.append(f"{_timing.median_ms(v):.1f} ({rel['median']:.2f})")
       for scheduler in SCHEDULERS:
-        rel = bench.ratio(by, f"{name} [{scheduler}]", f"hvp [{scheduler}]")
+        rel = _timing.ratio(by, f"{name} [{scheduler}]", f"hvp [{scheduler}]")
         row.append(f"{rel['median']:.3f} ({rel['q25']:.2f}-{rel['q75']:.2f})")
       print("| " + " | ".join(row) + " |")
     print()
     for scheduler in SCHEDULERS:
       at = f" [{scheduler}]"
-      floor = bench.ratio(by, "hvp" + at, "grad" + at)["median"]
-      step = bench.ratio(by, "adahessian step (fused)" + at,
-                         "adam step" + at)["median"]
+      floor = _timing.ratio(by, "hvp" + at, "grad" + at)["median"]
+      step = _timing.ratio(by, "adahessian step (fused)" + at,
+                           "adam step" + at)["median"]
       print(f"{scheduler} scheduler: floor F = hvp/grad = {floor:.3f}; fused "
             f"step / Adam step = {step:.3f} = {step / floor:.3f} x F")
 
 
 if __name__ == "__main__":
-  main(ARGS)
+  main()

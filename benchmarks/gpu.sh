@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The benchmarks on a GPU machine (the device tool's), in at most 5 minutes.
+#
+# The machine has JAX, Flax, Optax and a CUDA PyTorch but no network, so
+# torch-optimizer (pure Python) travels as wheels in .whl/, made here by
+#   pip download --no-deps torch-optimizer==0.3.0 pytorch-ranger==0.1.1 -d .whl
+# Run it there with `carry: [".whl"]` and the command `bash benchmarks/gpu.sh`;
+# the reports land in $OUT (the device tool's folder that comes back), else
+# results/gpu/. Copy the figures into docs/benchmarks.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-results/gpu}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python=${PYTHON:-python3}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$python" -m pip install -q --no-deps --no-index .whl/*.whl
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$python" -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available())"
+} > "$out/machine.txt" 2>&1
+
+run() {  # run <seconds> <name> <script and arguments...>
+  local seconds=$1 name=$2
+  shift 2
+  echo "== $name (at most ${seconds} s)"
+  timeout "$seconds" "$python" "$@" --json "$out/$name.json" \
+    > "$out/$name.md" 2> "$out/$name.err"
+  echo "   exit $? ; $(tail -n 1 "$out/$name.md")"
+}
+
+start=$(date +%s)
+run 50 memory benchmarks/bench_memory.py
+run 170 steps benchmarks/bench_adahessian.py --threads 0 --rounds 10 \
+  --block 0.05 --images none
+run 65 torch benchmarks/bench_torch.py --threads 0 --rounds 10 --block 0.05 \
+  --images none
+echo "done in $(( $(date +%s) - start )) s; reports in $out"
