@@ -166,6 +166,28 @@ def test_bad_hyperparameters(factory, kwargs, error, match):
     factory(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["learning_rate", "weight_decay"])
+@pytest.mark.parametrize("value,match", [
+    (-0.1, r"must lie in \[0.0, inf\), got -0.1"),
+    (float("nan"), "must be finite, got nan"),
+    (float("inf"), "must be finite, got inf"),
+    (jnp.float32(-1.0), "must lie in"),
+])
+def test_bad_constant_learning_rate_and_weight_decay(name, value, match):
+  kwargs = {"learning_rate": 0.1, "weight_decay": 1e-4, name: value}
+  with pytest.raises(ValueError, match=f"{name} {match}"):
+    aho.adahessian(key=0, **kwargs)
+
+
+def test_schedules_are_not_checked_and_zero_is_fine():
+  negative = lambda count: -0.1 * jnp.ones_like(count, jnp.float32)
+  aho.adahessian(negative, weight_decay=negative, key=0)
+  tx = aho.adahessian(0.0, weight_decay=0.0, key=0)
+  params = jnp.ones(2)
+  updates, _ = tx.update(params, tx.init(params), params, value_fn=jnp.sum)
+  np.testing.assert_array_equal(updates, np.zeros(2))
+
+
 @pytest.mark.parametrize("factory", _FACTORIES.values(), ids=_FACTORIES)
 @pytest.mark.parametrize("rule,match", [
     (aho.block_mean(4), r"does not fit the leaf \['a'\] of shape \(3,\)"),
