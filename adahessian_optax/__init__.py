@@ -4,6 +4,13 @@ from adahessian_optax._adahessian import adahessian
 from adahessian_optax._adahessian import PerformanceWarning
 from adahessian_optax._adahessian import scale_by_adahessian
 from adahessian_optax._adahessian import ScaleByAdaHessianState
+from adahessian_optax._analysis import DatasetLoss
+from adahessian_optax._analysis import hessian_eigenvalues
+from adahessian_optax._analysis import hessian_spectrum
+from adahessian_optax._analysis import hessian_trace
+from adahessian_optax._analysis import HessianTrace
+from adahessian_optax._analysis import LanczosInfo
+from adahessian_optax._analysis import SpectralDensity
 from adahessian_optax._compose import masked_value_fn
 from adahessian_optax._compose import unmask_params
 from adahessian_optax._curvature import sub_batch_value_fn
@@ -45,11 +52,17 @@ __all__ = (
     "BlockMean",
     "conv_window_mean",
     "ConvWindowMean",
+    "DatasetLoss",
+    "hessian_eigenvalues",
+    "hessian_spectrum",
+    "hessian_trace",
     "HessianEstimate",
+    "HessianTrace",
     "hutchinson_diagonal",
     "hutchinson_estimator",
     "HutchinsonResult",
     "HutchinsonState",
+    "LanczosInfo",
     "masked_value_fn",
     "mean_over_axes",
     "MeanOverAxes",
@@ -58,6 +71,7 @@ __all__ = (
     "scale_by_adahessian",
     "ScaleByAdaHessianState",
     "SpatialRule",
+    "SpectralDensity",
     "sub_batch_value_fn",
     "SubBatchValueFn",
     "TrainState",

@@ -1,0 +1,810 @@
+r"""Hessian analysis: the trace, extreme eigenvalues and spectral density.
+
+PyHessian's toolkit for JAX, built on Hessian-vector products. Each function
+takes a loss closure ``params -> scalar`` or a :class:`DatasetLoss` (a loss
+over batches) and builds an operator on the float leaves of the params:
+
+* traced (inside ``jax.jit`` or another transformation): ``lax`` loops, and
+  :func:`jax.linearize` of the gradient, so one primal pass and a tangent
+  pass per product;
+* concrete (called outside any transformation), and always for a
+  :class:`DatasetLoss`: Python loops around jitted products, one
+  forward-over-reverse pass each, kept across calls.
+
+Vectors stay lists of leaves (see :mod:`adahessian_optax._lanczos`): each
+leaf keeps its sharding, and its dtype in the products; sums over leaves are
+accumulated in at least float32.
+"""
+
+import functools
+import math
+import weakref
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+
+from adahessian_optax import _checks
+from adahessian_optax import _curvature
+from adahessian_optax import _lanczos
+from adahessian_optax import _probes
+from adahessian_optax import _tree
+
+_METHODS = ("hutchinson", "hutch++")
+_WHICH = ("largest", "smallest")
+
+
+# ---------------------------------------------------------------------------
+# A loss over a whole dataset.
+
+
+def _leading_size(batch: Any) -> int:
+  leaves = jax.tree.leaves(batch)
+  if not leaves or not jnp.shape(leaves[0]):
+    raise TypeError(
+        "DatasetLoss: cannot read the size of a batch from its first leaf "
+        f"(a batch of {type(batch).__name__}); pass size_fn=<batch -> number "
+        "of examples>")
+  return int(jnp.shape(leaves[0])[0])
+
+
+def _in_dtypes_of(vector: list, leaves: list) -> list:
+  return [v.astype(x.dtype) for v, x in zip(vector, leaves)]
+
+
+def _hvp(value_fn: Callable[[Any], Any], params: Any, tangent: list) -> list:
+  """`H tangent` in at least float32, the product taken in the leaves' dtypes."""
+  leaves = _tree.FloatLeaves.of(params).select(params)
+  return _lanczos.widen(_curvature.value_grad_hvp(
+      value_fn, params, _in_dtypes_of(tangent, leaves))[2])
+
+
+def _accumulate_hvp(loss_fn, params, batch, tangent, total, weight):
+  """`total + weight * H_batch tangent`."""
+  hv = _hvp(lambda p: loss_fn(p, batch), params, tangent)
+  return [a + h * jnp.asarray(weight).astype(a.dtype)
+          for a, h in zip(total, hv)]
+
+
+def _batch_value(loss_fn, params, batch):
+  return _curvature.scalar_loss(lambda p: loss_fn(p, batch), params)
+
+
+# Keyed by the loss function: every DatasetLoss of one loss_fn shares them.
+_batch_hvp_step = jax.jit(_accumulate_hvp, static_argnums=0)
+_batch_value_step = jax.jit(_batch_value, static_argnums=0)
+
+
+class DatasetLoss:
+  r"""A loss averaged over a dataset given as batches, for the analysis tools.
+
+  Pass it in place of the loss closure to :func:`hessian_trace`,
+  :func:`hessian_eigenvalues` and :func:`hessian_spectrum`. With
+  :math:`\ell_b` the mean loss over batch :math:`b` of :math:`n_b` examples
+  and :math:`N = \sum_b n_b`, the loss and its Hessian are
+
+  .. math::
+    L(\theta) = \sum_b \frac{n_b}{N} \ell_b(\theta), \qquad
+    H v = \sum_b \frac{n_b}{N} H_b v,
+
+  so a smaller last batch gets its share, no more (averaging the batches
+  with equal weights would not be the Hessian of the dataset's loss). Each
+  product is one pass over the batches: a jitted per-batch Hessian-vector
+  product added into one running sum, so memory does not grow with the
+  number of batches. The product is compiled once per ``loss_fn`` and batch
+  shape (a ragged last batch costs one more compile) and shared by every
+  ``DatasetLoss`` of the same ``loss_fn`` object: define it once (not as a
+  new lambda per call) to analyse repeatedly, for instance during training
+  with the model's other state passed in the batch.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``, the mean loss over one batch (a
+      float scalar).
+    batches: the batches, iterated once per Hessian-vector product: a
+      re-iterable collection (a list, a tuple, a data loader whose
+      ``__iter__`` starts over) or a function of no arguments returning a
+      fresh iterator. A one-shot iterator or generator is refused. It must
+      give the same batches on every pass.
+    size_fn: ``size_fn(batch) -> int``, the number of examples in a batch;
+      by default the leading dimension of the batch's first leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adahessian_optax as aho
+    >>> x = jnp.arange(10.0)
+    >>> loss_fn = lambda w, xb: jnp.mean(0.5 * (w * xb) ** 2)  # H = mean(x^2)
+    >>> data = aho.DatasetLoss(loss_fn, [x[:4], x[4:8], x[8:]])
+    >>> values, _ = aho.hessian_eigenvalues(data, jnp.ones(()), key=0)
+    >>> print(values, jnp.mean(x ** 2))
+    [28.5] 28.5
+  """
+
+  def __init__(self, loss_fn: Callable[[Any, Any], jax.Array],
+               batches: Any, *, size_fn: Optional[Callable[[Any], int]] = None):
+    if not callable(loss_fn):
+      raise TypeError(
+          "DatasetLoss: loss_fn must be a callable (params, batch) -> scalar "
+          f"loss, got {type(loss_fn).__name__}")
+    if not callable(batches):
+      if not isinstance(batches, Iterable):
+        raise TypeError(
+            "DatasetLoss: batches must be a re-iterable collection of batches "
+            "or a function returning a fresh iterator, got "
+            f"{type(batches).__name__}")
+      if isinstance(batches, Iterator):
+        raise TypeError(
+            "DatasetLoss: batches is a one-shot iterator, but every "
+            "Hessian-vector product needs a full pass; pass a list, or a "
+            "function returning a fresh iterator (e.g. lambda: make_batches())")
+    if size_fn is not None and not callable(size_fn):
+      raise TypeError("DatasetLoss: size_fn must be callable or None")
+    self.loss_fn = loss_fn
+    self.batches = batches
+    self.size_fn = size_fn or _leading_size
+
+  def iterate(self) -> Iterator:
+    """A fresh iterator over the batches."""
+    return iter(self.batches() if callable(self.batches) else self.batches)
+
+  def _mean(self, step: Callable[[Any, int], Any], zero: Any) -> Any:
+    total, count = zero, 0
+    for batch in self.iterate():
+      n = self.size_fn(batch)
+      total = step(total, batch, n)
+      count += n
+    if count == 0:
+      raise ValueError("DatasetLoss: the batches hold no examples")
+    return total, count
+
+  def __call__(self, params: Any) -> jax.Array:
+    """The dataset's loss :math:`L(\\theta)` at `params`."""
+    total, count = self._mean(
+        lambda t, b, n: t + n * _batch_value_step(self.loss_fn, params, b),
+        0.0)
+    return total / count
+
+  def hvp(self, params: Any, tangent: list) -> list:
+    """`H tangent` for the float leaves of `params` (lists, at least f32)."""
+    total, count = self._mean(
+        lambda t, b, n: _batch_hvp_step(self.loss_fn, params, b, tangent, t,
+                                        n),
+        [jnp.zeros_like(t) for t in tangent])
+    return _lanczos.scale(total, 1.0 / count)
+
+
+# ---------------------------------------------------------------------------
+# The operator the algorithms see.
+
+
+class _Operator(NamedTuple):
+  """`matvec` on lists like `leaves` (at least f32), and how to loop."""
+
+  matvec: Callable[[list], list]
+  leaves: list
+  split: _tree.FloatLeaves
+  loops: _lanczos.Loops
+
+
+def _is_concrete(x: Any) -> bool:
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def _float_leaves(params: Any, owner: str) -> tuple[_tree.FloatLeaves, list]:
+  if params is None:
+    raise ValueError(f"{owner} needs params, got None")
+  split = _tree.FloatLeaves.of(params)
+  if not split.index:
+    raise ValueError(
+        f"{owner}: params has no floating-point leaf, so there is no Hessian "
+        "to analyse (integer, boolean and None leaves get no tangent)")
+  return split, split.select(params)
+
+
+def _dimension(params: Any, owner: str) -> int:
+  return _lanczos.dimension(_float_leaves(params, owner)[1])
+
+
+def _jaxpr_hvp(jaxpr: Any, consts: list, params: Any, tangent: list) -> list:
+  """`_hvp` of the loss traced into `jaxpr`, its captured arrays `consts`."""
+  loss = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(jaxpr,
+                                                                  consts))
+  return _hvp(lambda p: loss(*jax.tree.leaves(p))[0], params, tangent)
+
+
+# value_fn -> {params signature: (jaxpr, captured arrays, jitted product)}
+_HOST_PRODUCTS = weakref.WeakKeyDictionary()
+
+
+def _signature(params: Any) -> tuple:
+  return (jax.tree.structure(params),
+          tuple((jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None))
+                for x in jax.tree.leaves(params)))
+
+
+def _host_closure(value_fn: Callable[[Any], Any], params: Any) -> Any:
+  """A jitted product for a closure called outside any transformation.
+
+  Python loops around it run each product as its own program, which on
+  XLA:CPU is faster for convolutions (about 3x for a small CNN) than inside
+  a ``lax`` loop. The arrays the closure captures are passed to the program,
+  not embedded in it. The program is kept for the next call with the same
+  closure and params shapes (a closure is taken to be pure, as by
+  ``jax.jit``). None when the closure captures a tracer.
+  """
+  try:
+    cache = _HOST_PRODUCTS.setdefault(value_fn, {})
+  except TypeError:  # not weakly referenceable
+    cache = {}
+  signature = _signature(params)
+  if signature not in cache:
+    closed = jax.make_jaxpr(lambda p: _curvature.scalar_loss(value_fn, p))(
+        params)
+    if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+      return None
+    cache[signature] = (closed.consts,
+                        jax.jit(functools.partial(_jaxpr_hvp, closed.jaxpr)))
+  consts, step = cache[signature]
+  return lambda v: step(consts, params, v)
+
+
+def _operator(value_fn: Any, params: Any, key: jax.Array,
+              axis_name: Optional[str], owner: str) -> _Operator:
+  split, leaves = _float_leaves(params, owner)
+  concrete = _is_concrete(key) and all(_is_concrete(x) for x in leaves)
+  if isinstance(value_fn, DatasetLoss):
+    if axis_name is not None:
+      raise ValueError(
+          f"{owner}: axis_name applies to a loss closure; a DatasetLoss "
+          "already sums over all of its batches")
+    if not concrete:
+      raise TypeError(
+          f"{owner}: a DatasetLoss loops over its batches in Python, so it "
+          "cannot run under jax.jit or another transformation; call it on "
+          "concrete params (each batch's product is jitted already)")
+    return _Operator(functools.partial(value_fn.hvp, params), leaves, split,
+                     _lanczos.HOST)
+  value_fn = _checks.check_value_fn(value_fn, None, owner)
+  # A SubBatchValueFn's products are its head's: the curvature core's.
+  if (concrete and axis_name is None
+      and not isinstance(value_fn, _curvature.SubBatchValueFn)):
+    matvec = _host_closure(value_fn, params)
+    if matvec is not None:
+      return _Operator(matvec, leaves, split, _lanczos.HOST)
+  _, _, hvp = _curvature.linearize(value_fn, params, axis_name=axis_name)
+
+  def matvec(v):
+    hv = _lanczos.widen(hvp(_in_dtypes_of(v, leaves)))
+    return _curvature.axis_mean(hv, axis_name)
+
+  return _Operator(matvec, leaves, split, _lanczos.TRACED)
+
+
+def _negated(op: _Operator) -> _Operator:
+  return op._replace(matvec=lambda v: _lanczos.scale(op.matvec(v), -1))
+
+
+@functools.partial(jax.jit, static_argnames=("distribution",))
+def _next_probe(key: jax.Array, leaves: list, distribution: str):
+  key, probe_key = _probes.split(key)
+  z = _probes.SAMPLERS[distribution](probe_key, leaves, 1)[0]
+  return key, _lanczos.widen(z)
+
+
+def _draw(op: _Operator, key: jax.Array, distribution: str = "rademacher"):
+  """`(key, probe)`: one step of the probe sequence.
+
+  The trace, the spectrum and the eigenvalues draw their probes from this
+  one sequence, so with the same key the `s`-th Hutchinson probe is the
+  start of the `s`-th Lanczos run. Outside jit each probe is placed like
+  its parameter (traced, XLA propagates the params' shardings).
+  """
+  key, z = _next_probe(key, op.leaves, distribution)
+  z = [jax.device_put(v, x.sharding) if _is_concrete(v) and _is_concrete(x)
+       else v for v, x in zip(z, op.leaves)]
+  return key, z
+
+
+def _check_steps(name: str, value: Any, low: int, dim: int, hint: str):
+  _checks.check_positive_int(name, value, allow_traced=False)
+  if not low <= value <= dim:
+    raise ValueError(
+        f"{name} must lie in [{low}, {dim}] ({hint}; the params have {dim} "
+        f"floating-point entries), got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# Trace.
+
+
+class HessianTrace(NamedTuple):
+  r"""A stochastic estimate of the trace of the Hessian.
+
+  Attributes:
+    estimate: the estimate of :math:`\mathrm{tr}(H)`, the mean of `samples`.
+    stderr: its standard error, the sample standard deviation of `samples`
+      over the square root of their number (NaN for a single sample).
+    per_leaf: a pytree like params: at each floating-point leaf the estimate
+      of the trace of that leaf's diagonal block of :math:`H` (the
+      per-layer trace); zeros at the other leaves. They sum to `estimate`.
+    per_leaf_stderr: the standard errors of `per_leaf`, likewise.
+    samples: the independent samples whose mean is `estimate`, shape
+      ``(n,)``: :math:`z_s^\top H z_s` for Hutchinson (``n = n_samples``);
+      for Hutch++, :math:`\mathrm{tr}(Q^\top H Q) + g_s^\top (I - QQ^\top)
+      H (I - QQ^\top) g_s` (``n = n_samples - 2 (n_samples // 3)``).
+  """
+
+  estimate: jax.Array
+  stderr: jax.Array
+  per_leaf: Any
+  per_leaf_stderr: Any
+  samples: jax.Array
+
+
+def _hutchinson(op: _Operator, key: jax.Array, n: int, distribution: str):
+  """Per-leaf samples `<z_l, (Hz)_l>`, shape `(n, leaves)`."""
+  def one(key):
+    key, z = _draw(op, key, distribution)
+    return key, _lanczos.leaf_dots(z, op.matvec(z))
+
+  return op.loops.scan(one, key, n)[1]
+
+
+@jax.jit
+def _append_orthonormal(q: list, j: Any, y: list) -> list:
+  """`q` with row `j` set to `y` orthonormalised against it (or zero)."""
+  y_norm = _lanczos.norm(y)
+  y, _ = _lanczos.orthogonalize(q, y)
+  r = _lanczos.norm(y)
+  # A column numerically in the span of the others (a low-rank H) is dropped.
+  keep = r > 100 * jnp.finfo(r.dtype).eps * y_norm
+  y = _lanczos.scale(y, jnp.where(keep, 1 / jnp.where(keep, r, 1), 0))
+  return [v.at[j].set(x) for v, x in zip(q, y)]
+
+
+def _hutch_plus_plus(op: _Operator, key: jax.Array, n: int,
+                     distribution: str):
+  """`(exact, samples)`: per-leaf `tr(Q^T H Q)` and residual samples.
+
+  Meyer, Musco, Musco and Woodruff's Hutch++ with `n` products: a third
+  sketch the range, `Q = orth(H S)`; a third give `tr(Q^T H Q)` exactly; the
+  rest are Hutchinson probes of the deflated `(I - P) H (I - P)`.
+  """
+  r = n // 3
+  q = [_lanczos.stacked_zeros(x, r) for x in _lanczos.widen(op.leaves)]
+
+  def sketch(j, carry):
+    key, q = carry
+    key, s = _draw(op, key, distribution)
+    return key, _append_orthonormal(q, j, op.matvec(s))
+
+  key, q = op.loops.fori_loop(0, r, sketch, (key, q))
+
+  def exact(j, total):
+    v = _lanczos.row(q, j)
+    return total + _lanczos.leaf_dots(v, op.matvec(v))
+
+  exact_part = op.loops.fori_loop(
+      0, r, exact, jnp.zeros(len(op.leaves),
+                             _lanczos.accumulation_dtype(q)))
+
+  def residual(key):
+    key, g = _draw(op, key, distribution)
+    u, _ = _lanczos.orthogonalize(q, g)
+    return key, _lanczos.leaf_dots(u, op.matvec(u))
+
+  return exact_part, op.loops.scan(residual, key, n - 2 * r)[1]
+
+
+def _stderr(samples: jax.Array) -> jax.Array:
+  n = samples.shape[0]
+  if n < 2:
+    return jnp.full(samples.shape[1:], jnp.nan, samples.dtype)
+  return jnp.std(samples, axis=0, ddof=1) / math.sqrt(n)
+
+
+@jax.jit
+def _summary(exact: jax.Array, samples: jax.Array):
+  """`(estimate, stderr, per-leaf list, per-leaf stderr list, totals)`."""
+  per_leaf = exact + jnp.mean(samples, axis=0)
+  totals = jnp.sum(exact) + jnp.sum(samples, axis=1)
+  return (jnp.sum(per_leaf), _stderr(totals), list(per_leaf),
+          list(_stderr(samples)), totals)
+
+
+def _per_leaf_tree(op: _Operator, params: Any, values: list) -> Any:
+  zeros = jax.tree.map(lambda x: jnp.zeros((), values[0].dtype), params)
+  return op.split.replace(zeros, values)
+
+
+def hessian_trace(
+    value_fn: Any,
+    params: Any,
+    key: Any,
+    *,
+    n_samples: int = 100,
+    method: str = "hutchinson",
+    distribution: str = "rademacher",
+    axis_name: Optional[str] = None,
+) -> HessianTrace:
+  r"""Estimates the trace of the Hessian, in all and per leaf.
+
+  Hutchinson: for probes :math:`z_s` with independent entries of mean 0 and
+  variance 1,
+
+  .. math::
+    \widehat{\mathrm{tr}}(H) = \frac1S \sum_{s=1}^S z_s^\top H z_s, \qquad
+    \mathrm{Var}(z^\top H z) = \begin{cases}
+      2\,(\|H\|_F^2 - \sum_i H_{ii}^2) & \text{Rademacher,} \\
+      2\,\|H\|_F^2 & \text{Gaussian,} \end{cases}
+
+  so the error falls as :math:`1/\sqrt{S}`. Hutch++ (``method="hutch++"``)
+  spends the same :math:`S` products differently: :math:`S/3` sketch the
+  dominant range :math:`Q = \mathrm{orth}(H\,[s_1 \dots s_{S/3}])`,
+  :math:`S/3` compute :math:`\mathrm{tr}(Q^\top H Q)` exactly, and the rest
+  estimate the trace of the deflated :math:`(I - QQ^\top) H (I - QQ^\top)`
+  with Hutchinson; for a positive semi-definite :math:`H` its error falls as
+  :math:`1/S`. Its estimate is unbiased given :math:`Q`, so the sample
+  standard error of the deflated part is its standard error.
+
+  The trace of leaf :math:`l`'s diagonal block is estimated from the same
+  products, :math:`\frac1S \sum_s \langle z_{s,l}, (H z_s)_l \rangle` (for
+  Hutch++ the exact part's and the deflated probes' per-leaf terms): the
+  per-layer sharpness users compare.
+
+  Each product costs a tangent pass (under jit), a forward-over-reverse
+  pass (outside jit) or a pass over the data (:class:`DatasetLoss`).
+
+  Args:
+    value_fn: the loss, ``params -> scalar``, or a :class:`DatasetLoss`.
+    params: the pytree at which to take the Hessian. Only its
+      floating-point leaves are differentiated.
+    key: an int seed or a JAX PRNG key for the probes.
+    n_samples: the number of Hessian-vector products (at least 3 for
+      Hutch++).
+    method: ``"hutchinson"`` or ``"hutch++"``.
+    distribution: ``"rademacher"`` (the smallest variance) or
+      ``"gaussian"``.
+    axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over
+      which the Hessian-vector products are averaged (the replicas share
+      the key).
+
+  Returns:
+    A :class:`HessianTrace` (``estimate``, ``stderr``, ``per_leaf``,
+    ``per_leaf_stderr``, ``samples``), in at least float32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum(p["a"] ** 2) + 3 * jnp.sum(p["b"] ** 2)
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    >>> result = aho.hessian_trace(loss, params, key=0, n_samples=10)
+    >>> print(result.estimate, result.stderr)   # exact: H is diagonal
+    22.0 0.0
+    >>> print(result.per_leaf["a"], result.per_leaf["b"])
+    4.0 18.0
+
+  References:
+    Hutchinson, `A stochastic estimator of the trace of the influence matrix
+    for Laplacian smoothing splines
+    <https://doi.org/10.1080/03610918908812806>`_, 1989.
+
+    Meyer, Musco, Musco and Woodruff, `Hutch++: Optimal Stochastic Trace
+    Estimation <https://arxiv.org/abs/2010.09649>`_, SOSA 2021.
+  """
+  owner = "hessian_trace"
+  _check_choice("method", method, _METHODS)
+  _probes.check_distribution(distribution)
+  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+  if method == "hutch++" and n_samples < 3:
+    raise ValueError(
+        f"hutch++ needs n_samples >= 3 (a third each for the sketch, its "
+        f"trace and the residual), got {n_samples}")
+  key = _probes.key_data(key, owner)
+  op = _operator(value_fn, params, key, axis_name, owner)
+  if method == "hutchinson":
+    samples = _hutchinson(op, key, n_samples, distribution)
+    exact = jnp.zeros(samples.shape[1], samples.dtype)
+  else:
+    exact, samples = _hutch_plus_plus(op, key, n_samples, distribution)
+  estimate, stderr, per_leaf, per_leaf_stderr, totals = _summary(exact,
+                                                                 samples)
+  return HessianTrace(
+      estimate=estimate,
+      stderr=stderr,
+      per_leaf=_per_leaf_tree(op, params, per_leaf),
+      per_leaf_stderr=_per_leaf_tree(op, params, per_leaf_stderr),
+      samples=totals)
+
+
+# ---------------------------------------------------------------------------
+# Extreme eigenvalues.
+
+
+class LanczosInfo(NamedTuple):
+  r"""How the Lanczos run of :func:`hessian_eigenvalues` ended.
+
+  Attributes:
+    residuals: :math:`\|H y_j - \theta_j y_j\|` for each returned pair,
+      shape ``(k,)``; a true eigenvalue lies within it of :math:`\theta_j`.
+    num_steps: the Lanczos steps taken, each one Hessian-vector product.
+    converged: whether every residual is at most ``tol`` times the largest
+      :math:`|\theta|` of the run (an estimate of :math:`\|H\|_2`); false
+      when ``max_steps`` ran out first.
+  """
+
+  residuals: jax.Array
+  num_steps: jax.Array
+  converged: jax.Array
+
+
+def _stacked_like(op: _Operator, params: Any, vectors: list, k: int) -> Any:
+  zeros = jax.tree.map(
+      lambda x: jnp.zeros((k,) + jnp.shape(x), jnp.result_type(x)), params)
+  return op.split.replace(zeros, _in_dtypes_of(vectors, op.leaves))
+
+
+def hessian_eigenvalues(
+    value_fn: Any,
+    params: Any,
+    key: Any,
+    *,
+    k: int = 1,
+    which: str = "largest",
+    tol: float = 1e-4,
+    max_steps: Optional[int] = None,
+    return_info: bool = False,
+    axis_name: Optional[str] = None,
+):
+  r"""The `k` largest (or most negative) eigenvalues of the Hessian.
+
+  Lanczos with full reorthogonalisation from a normalised Rademacher vector
+  :math:`v_1`: after :math:`m` steps, :math:`H V_m = V_m T_m + \beta_m
+  v_{m+1} e_m^\top` with :math:`V_m` orthonormal and :math:`T_m`
+  tridiagonal, one Hessian-vector product per step. The Ritz pairs
+  :math:`(\theta_j, y_j = V_m s_j)`, from :math:`T_m s_j = \theta_j s_j`,
+  have residuals
+
+  .. math::
+    \|H y_j - \theta_j y_j\| = |\beta_m\, s_{m,j}|,
+
+  read off without another product. Steps continue until the `k` wanted
+  pairs have residuals at most ``tol`` times the largest :math:`|\theta|`
+  (an estimate of :math:`\|H\|_2`), or ``max_steps``; each eigenvalue is
+  then within its residual of a true one (and usually within
+  residual\ :sup:`2`/gap). Unlike power iteration (PyHessian), which finds
+  the largest :math:`|\lambda|`, this gives the largest algebraic
+  eigenvalues, or with ``which="smallest"`` the most negative ones
+  (Lanczos on :math:`-H`). A single-vector Krylov method sees one copy of
+  an exactly repeated eigenvalue until the Krylov space is exhausted.
+
+  The Lanczos basis holds ``max_steps + 1`` vectors the size of the float
+  params (in at least float32): lower ``max_steps`` for large models.
+
+  Args:
+    value_fn: the loss, ``params -> scalar``, or a :class:`DatasetLoss`.
+    params: the pytree at which to take the Hessian.
+    key: an int seed or a JAX PRNG key for the start vector.
+    k: how many eigenvalues, 1 to the number of float entries.
+    which: ``"largest"`` or ``"smallest"``.
+    tol: the residual tolerance, relative to :math:`\|H\|_2`.
+    max_steps: the most Lanczos steps (default
+      ``min(dimension, max(100, 3 k))``), from ``k`` to the number of float
+      entries of params.
+    return_info: also return a :class:`LanczosInfo`. A jitted function
+      cannot raise on a value: check ``info.converged`` to know that the
+      tolerance was met.
+    axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over
+      which the products are averaged (the replicas share the key).
+
+  Returns:
+    ``(eigenvalues, eigenvectors)``, or with ``return_info``
+    ``(eigenvalues, eigenvectors, info)``: the eigenvalues, shape ``(k,)``
+    in at least float32, in descending order (``"largest"``) or ascending
+    (``"smallest"``); the unit eigenvectors as a pytree like params whose
+    leaves have a leading axis of size `k`, each in its leaf's dtype (zeros
+    at non-float leaves).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adahessian_optax as aho
+    >>> H = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])
+    >>> loss = lambda p: 0.5 * p @ H @ p
+    >>> values, vectors = aho.hessian_eigenvalues(loss, jnp.zeros(3), key=0,
+    ...                                           k=2)
+    >>> print(jnp.round(values, 4), vectors.shape)
+    [4.7321 3.    ] (2, 3)
+    >>> print(jnp.round(jnp.linalg.eigvalsh(H)[::-1][:2], 4))
+    [4.7321 3.    ]
+
+  References:
+    Lanczos, `An iteration method for the solution of the eigenvalue problem
+    of linear differential and integral operators
+    <https://doi.org/10.6028/jres.045.026>`_, 1950.
+
+    Golub and Van Loan, Matrix Computations, 4th ed., section 10.1.
+  """
+  owner = "hessian_eigenvalues"
+  _check_choice("which", which, _WHICH)
+  _checks.check_interval("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
+  key = _probes.key_data(key, owner)
+  dim = _dimension(params, owner)
+  _check_steps("k", k, 1, dim, "the number of eigenvalues")
+  if max_steps is None:
+    max_steps = min(dim, max(100, 3 * k))
+  _check_steps("max_steps", max_steps, k, dim, "at least k")
+  op = _operator(value_fn, params, key, axis_name, owner)
+  if which == "smallest":
+    op = _negated(op)
+  _, v0 = _draw(op, key)
+  state, n, done = _lanczos.lanczos_until_converged(
+      op.matvec, v0, max_steps, k, tol, op.loops)
+  theta, vectors, residuals = _lanczos.top_pairs(state, n, k)
+  values = -theta if which == "smallest" else theta
+  out = (values, _stacked_like(op, params, vectors, k))
+  if return_info:
+    out += (LanczosInfo(residuals, n, done),)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Spectral density.
+
+
+class SpectralDensity(NamedTuple):
+  r"""The eigenvalue density of the Hessian as Gauss quadratures, one a probe.
+
+  Probe :math:`p` gives nodes :math:`\theta_{p,k}` and weights
+  :math:`w_{p,k}` with :math:`\sum_k w_{p,k} = 1`; the density estimate is
+
+  .. math::
+    \hat\phi(x) = \frac1P \sum_{p=1}^P \sum_{k=1}^m w_{p,k}\,
+    \mathcal N(x;\ \theta_{p,k},\ \sigma^2),
+
+  an estimate of :math:`\frac1n \sum_i \mathcal N(x; \lambda_i, \sigma^2)`
+  (integral 1; multiply by the number of parameters for counts).
+
+  Attributes:
+    nodes: Ritz values, shape ``(num_probes, num_steps)``, ascending per
+      probe.
+    weights: squared first components of the eigenvectors of each probe's
+      tridiagonal matrix, shape ``(num_probes, num_steps)``.
+  """
+
+  nodes: jax.Array
+  weights: jax.Array
+
+  def density(self, grid: Any, sigma: Any) -> jax.Array:
+    r"""The Gaussian-smoothed density :math:`\hat\phi` at the points `grid`.
+
+    Args:
+      grid: points :math:`x`, any shape.
+      sigma: the standard deviation of each Gaussian (> 0).
+
+    Returns:
+      :math:`\hat\phi(x)`, shaped like `grid`.
+    """
+    _checks.check_interval("sigma", sigma, 0.0, np.inf, low_open=True)
+    grid = jnp.asarray(grid, self.nodes.dtype)
+    sigma = jnp.asarray(sigma, self.nodes.dtype)
+    z = (grid[..., None, None] - self.nodes) / sigma
+    gauss = jnp.exp(-0.5 * z ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return jnp.sum(self.weights * gauss, axis=(-2, -1)) / self.nodes.shape[0]
+
+  def plot(self, ax: Any = None, *, sigma: Optional[float] = None,
+           num_points: int = 1000, log: bool = True, **plot_kwargs) -> Any:
+    """Plots the density with matplotlib (imported here, only when used).
+
+    Args:
+      ax: the matplotlib axes (default: a new figure's).
+      sigma: the Gaussian width; default 1% of the range of the nodes.
+      num_points: grid points, spanning the nodes and 5 sigma beyond.
+      log: a logarithmic density axis (the outliers of a network's
+        spectrum are many decades less dense than its bulk).
+      **plot_kwargs: passed to ``ax.plot`` (e.g. ``label``).
+
+    Returns:
+      The axes.
+    """
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    nodes = np.asarray(self.nodes, np.float64)
+    low, high = nodes.min(), nodes.max()
+    if sigma is None:
+      sigma = 0.01 * (high - low) or 0.01 * max(abs(high), 1.0)
+    grid = np.linspace(low - 5 * sigma, high + 5 * sigma, num_points)
+    density = np.asarray(self.density(grid, sigma), np.float64)
+    if ax is None:
+      ax = plt.figure().gca()
+    ax.plot(grid, density, **plot_kwargs)
+    if log:
+      ax.set_yscale("log")
+      ax.set_ylim(bottom=density.max() * 1e-8)
+    ax.set(xlabel="eigenvalue", ylabel="density")
+    return ax
+
+
+def hessian_spectrum(
+    value_fn: Any,
+    params: Any,
+    key: Any,
+    *,
+    num_probes: int = 10,
+    num_steps: int = 50,
+    axis_name: Optional[str] = None,
+) -> SpectralDensity:
+  r"""The eigenvalue spectral density of the Hessian, by Lanczos quadrature.
+
+  Stochastic Lanczos quadrature (SLQ): for each of `num_probes` Rademacher
+  probes :math:`z`, `num_steps` steps of Lanczos with full
+  reorthogonalisation from :math:`v = z / \|z\|` give a tridiagonal
+  :math:`T = S \Theta S^\top`; its eigenvalues are the nodes and
+  :math:`w_k = S_{1k}^2` the weights of the Gauss quadrature of the spectral
+  measure of :math:`v`:
+
+  .. math::
+    \sum_k w_k\, \theta_k^j = v^\top H^j v \quad (j \le 2m - 1), \qquad
+    \sum_k w_k = 1,
+
+  so :math:`n \sum_k w_k \theta_k = z^\top H z` is the Hutchinson sample of
+  the same probe (the :math:`s`-th probe of :func:`hessian_trace` with the
+  same key) and :math:`\mathbb E\, v^\top f(H) v = \mathrm{tr} f(H) / n`.
+  Costs ``num_probes * num_steps`` products; memory ``num_steps + 1``
+  vectors the size of the float params, whatever ``num_probes``.
+
+  Args:
+    value_fn: the loss, ``params -> scalar``, or a :class:`DatasetLoss`.
+    params: the pytree at which to take the Hessian.
+    key: an int seed or a JAX PRNG key for the probes.
+    num_probes: the number of probes (independent Lanczos runs).
+    num_steps: Lanczos steps per probe, at most the number of float entries
+      of params.
+    axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over
+      which the products are averaged.
+
+  Returns:
+    A :class:`SpectralDensity` with ``nodes`` and ``weights`` of shape
+    ``(num_probes, num_steps)``; ``.density(grid, sigma)`` smooths it and
+    ``.plot()`` draws it.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adahessian_optax as aho
+    >>> H = jnp.diag(jnp.array([1.0, 2.0, 2.0, 5.0]))
+    >>> loss = lambda p: 0.5 * p @ H @ p
+    >>> esd = aho.hessian_spectrum(loss, jnp.zeros(4), key=0, num_probes=2,
+    ...                            num_steps=3)
+    >>> print(jnp.round(esd.nodes, 3))   # the distinct eigenvalues
+    [[1. 2. 5.]
+     [1. 2. 5.]]
+    >>> print(jnp.round(esd.weights, 3))   # their shares of the spectrum
+    [[0.25 0.5  0.25]
+     [0.25 0.5  0.25]]
+
+  References:
+    Golub and Meurant, Matrices, Moments and Quadrature with Applications,
+    2010.
+
+    Ghorbani, Krishnan and Xiao, `An Investigation into Neural Net
+    Optimization via Hessian Eigenvalue Density
+    <https://arxiv.org/abs/1901.10159>`_, ICML 2019.
+  """
+  owner = "hessian_spectrum"
+  key = _probes.key_data(key, owner)
+  _checks.check_positive_int("num_probes", num_probes, allow_traced=False)
+  _check_steps("num_steps", num_steps, 1, _dimension(params, owner),
+               "Lanczos steps per probe")
+  op = _operator(value_fn, params, key, axis_name, owner)
+
+  def one(key):
+    key, v0 = _draw(op, key)
+    state = _lanczos.lanczos(op.matvec, v0, num_steps, op.loops)
+    return key, _lanczos.quadrature(state)
+
+  nodes, weights = op.loops.scan(one, key, num_probes)[1]
+  return SpectralDensity(nodes, weights)
