@@ -2,17 +2,18 @@
 
 The data are the 1,797 8x8 digit images bundled with scikit-learn (no
 download). Each optimizer trains the same CNN (convolutions, BatchNorm,
-Dropout) from the same initialization on the same batches, with one epoch of
-linear warmup and then cosine decay of the learning rate; the script prints a
-table (test accuracy, final losses, time per step) and plots the loss
-curves.
+Dropout) from the same initializations on the same batches, with one epoch
+of linear warmup and then cosine decay of the learning rate, over several
+seeds, at its tuned learning rate and at a larger one; the script prints a
+table (test accuracy and loss, mean and spread over seeds, divergences at the
+larger rate, time per step) and plots the loss curves with bands over seeds.
 
-    python examples/digits.py                # the comparison, ~1-2 minutes
+    python examples/digits.py                # the comparison, ~80 s on 2 cores
     python examples/digits.py --smoke        # a few seconds, for tests
-    python examples/digits.py --sweep        # the learning-rate search
 
-The learning rates below are the best of ``--sweep`` (validation loss on a
-split of the training set).
+The learning rates below were tuned by ``benchmarks/study.py`` on a
+validation split of the training set, never on the test set (see
+``docs/study.md``).
 """
 
 import argparse
@@ -21,8 +22,9 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,35 +68,47 @@ def loss_fn(model, x, y):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """An optimizer of the comparison."""
+  """An optimizer of the comparison.
+
+  Attributes:
+    name: its name in the tables.
+    learning_rate: its tuned peak learning rate.
+    make: ``(schedule, seed) -> optax.GradientTransformation``; everything
+      that depends on the seed must live in the optimizer's state (as
+      AdaHessian's probe key does), so that one compiled step serves every
+      seed.
+    needs_value_fn: whether ``update`` takes the loss closure ``value_fn``.
+    sweep: an optional learning-rate grid (the study tunes on its own).
+    refresh_every: refresh the Hessian every this many steps, choosing
+      between two compiled steps on the host (``make`` then builds AdaHessian
+      with ``update_interval=None``).
+  """
 
   name: str
   learning_rate: float
   make: Callable[[optax.Schedule, int], optax.GradientTransformation]
   needs_value_fn: bool = False
   sweep: tuple[float, ...] = ()
+  refresh_every: int = 1
 
 
-# The learning rates are the best of `--sweep` (30 epochs; validation loss
-# averaged over the last 5 epochs and 2 seeds):
-#   AdaHessian  0.05: .0580  0.1: .0546  0.15: .0622  0.3: .0546  0.6: .0614
-#               1.2: .0633
-#   AdamW       1e-3: .0738  3e-3: .0483  1e-2: .0567  3e-2: .0509  0.1: .0465
-#   Adam        1e-3: .0736  3e-3: .0485  1e-2: .0574  3e-2: .0402  0.1: .0981
-#   SGD+mom.    0.01: .0901  0.03: .0636  0.1: .0636   0.3: .0506   1.0: diverged
+# The learning rates are the study's (benchmarks/study.py --part cnn): the
+# best of a half-decade grid by validation loss (mean log of the last two
+# epochs' loss over 2 seeds) on a split of the training set; docs/study.md
+# has every grid point's score.
 SPECS = (
-    Spec("AdaHessian", 0.1,
+    Spec("AdaHessian", 0.3162,
          lambda lr, seed: aho.adahessian(lr, weight_decay=5e-4, key=seed),
-         needs_value_fn=True, sweep=(0.05, 0.1, 0.15, 0.3, 0.6, 1.2)),
-    Spec("AdamW", 0.1,
-         lambda lr, seed: optax.adamw(lr, weight_decay=1e-2),
-         sweep=(1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
-    Spec("Adam", 0.03, lambda lr, seed: optax.adam(lr),
-         sweep=(1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
-    Spec("SGD+momentum", 0.3,
-         lambda lr, seed: optax.sgd(lr, momentum=0.9),
-         sweep=(0.01, 0.03, 0.1, 0.3, 1.0)),
+         needs_value_fn=True),
+    Spec("AdamW", 0.03162,
+         lambda lr, seed: optax.adamw(lr, weight_decay=1e-2)),
+    Spec("Adam", 0.03162, lambda lr, seed: optax.adam(lr)),
+    Spec("SGD+momentum", 0.1,
+         lambda lr, seed: optax.sgd(lr, momentum=0.9)),
 )
+EPOCHS = 20
+# The main job's second learning rate, as a multiple of the tuned one.
+LARGER = 5.0
 
 
 def load_data(seed: int, smoke: bool, validation: bool):
@@ -114,22 +128,25 @@ def load_data(seed: int, smoke: bool, validation: bool):
   return x_train, y_train, x_test, y_test
 
 
-def make_train_step(spec: Spec, graphdef):
+def make_train_step(spec: Spec, graphdef, refresh: Optional[bool] = None):
   """A jitted train step on the split (model, optimizer) state.
 
   Splitting once and jitting a function of the state with ``jax.jit`` avoids
   ``nnx.jit``'s per-call graph traversal, which would dominate steps this
-  small.
+  small. ``refresh`` (for ``spec.refresh_every > 1``) compiles the step with
+  or without the Hessian refresh.
   """
 
   @jax.jit
   def train_step(state, x, y):
     model, optimizer = nnx.merge(graphdef, state)
     extra = {}
-    if spec.needs_value_fn:
+    if spec.needs_value_fn and refresh is not False:
       # Built before the gradient, so that the Hessian pass draws the same
       # dropout mask and leaves BatchNorm's running averages alone.
       extra["value_fn"] = aho.nnx_value_fn(loss_fn, model, x, y)
+    if refresh is not None:
+      extra["hessian_refresh"] = refresh
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads, **extra)
     return nnx.state((model, optimizer)), loss
@@ -147,6 +164,48 @@ def evaluate(graphdef, model_state, x, y):
   return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
 
+def _with_peak(tx, learning_rate: float):
+  """`tx` built on a unit schedule, times the peak rate held in its state.
+
+  Every optimizer here ends with ``scale_by_learning_rate``, so this is the
+  optimizer at ``learning_rate * schedule``; with the rate in the state, one
+  compiled step serves every rate.
+  """
+  return optax.chain(tx, optax.inject_hyperparams(optax.scale)(
+      step_size=learning_rate))
+
+
+@functools.lru_cache(maxsize=None)
+def _template(spec: Spec, total: int, warmup: int):
+  """The optimizer object the compiled steps are traced with (seed 0)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, 1.0, warmup_steps=warmup, decay_steps=total)
+  return schedule, _with_peak(spec.make(schedule, 0), 1.0)
+
+
+_COMPILED = {}
+
+
+def _compiled_steps(spec: Spec, graphdef, state, x, y):
+  """`({refresh: compiled step}, compile seconds)`, compiled once per spec."""
+  refreshes = (None,) if spec.refresh_every == 1 else (True, False)
+  key = (spec, graphdef, x.shape)
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  start = time.perf_counter()
+  _COMPILED[key] = {r: make_train_step(spec, graphdef, r).lower(
+      state, x, y).compile() for r in refreshes}
+  return _COMPILED[key], time.perf_counter() - start
+
+
+def diverged(train_losses, final: float) -> bool:
+  """A run that failed: a non-finite training loss, or a final training loss
+  not below 90% of the first step's (it did not train: a collapse to chance
+  has a final loss near the first, and can even end a little below it)."""
+  return bool(not np.all(np.isfinite(train_losses))
+              or not final < 0.9 * train_losses[0])
+
+
 def train(spec: Spec, data, *, learning_rate: float, epochs: int,
           batch_size: int, seed: int, progress: bool = True):
   """Trains one optimizer; returns its curves and timings."""
@@ -155,27 +214,29 @@ def train(spec: Spec, data, *, learning_rate: float, epochs: int,
   total = epochs * steps_per_epoch
   # One epoch of linear warmup for everyone: without it AdaHessian's first,
   # Newton-like steps overshoot along directions of tiny curvature.
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, learning_rate, warmup_steps=min(steps_per_epoch, total // 4 + 1),
-      decay_steps=total)
+  schedule, template = _template(spec, total,
+                                 min(steps_per_epoch, total // 4 + 1))
   model = CNN(nnx.Rngs(seed))
-  optimizer = nnx.Optimizer(model, spec.make(schedule, seed), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+      model, _with_peak(spec.make(schedule, seed), learning_rate),
+      wrt=nnx.Param)
+  state = nnx.state((model, optimizer))
+  # The template's graph (the same for every seed and rate) with this run's
+  # state: its seed and rate are arrays in it.
+  graphdef = nnx.graphdef((model, nnx.Optimizer(model, template,
+                                                wrt=nnx.Param)))
   model_graphdef = nnx.graphdef(model)
-  graphdef, state = nnx.split((model, optimizer))
-  train_step = make_train_step(spec, graphdef)
 
   x0, y0 = jnp.asarray(x_train[:batch_size]), jnp.asarray(y_train[:batch_size])
-  start = time.perf_counter()
-  train_step = train_step.lower(state, x0, y0).compile()
-  compile_s = time.perf_counter() - start
+  steps, compile_s = _compiled_steps(spec, graphdef, state, x0, y0)
 
   order_rng = np.random.default_rng(seed)  # the same batches for everyone
   x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
   train_losses, test_losses, test_accs = [], [], []
-  step_time = 0.0
+  step_time, step = 0.0, 0
   bar = tqdm(total=total, desc=f"{spec.name:>12} lr={learning_rate:g}",
-             disable=not progress, leave=True, dynamic_ncols=True)
-  for epoch in range(epochs):
+             disable=not progress, leave=False, dynamic_ncols=True)
+  for _ in range(epochs):
     order = order_rng.permutation(len(x_train))
     batches = [(jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx]))
                for idx in np.split(order[:steps_per_epoch * batch_size],
@@ -183,8 +244,11 @@ def train(spec: Spec, data, *, learning_rate: float, epochs: int,
     epoch_losses = []
     start = time.perf_counter()
     for x, y in batches:
-      state, loss = train_step(state, x, y)
+      refresh = (None if spec.refresh_every == 1
+                 else step % spec.refresh_every == 0)
+      state, loss = steps[refresh](state, x, y)
       epoch_losses.append(loss)
+      step += 1
       bar.update(1)
     jax.block_until_ready(state)
     step_time += time.perf_counter() - start
@@ -195,98 +259,104 @@ def train(spec: Spec, data, *, learning_rate: float, epochs: int,
     bar.set_postfix(loss=f"{np.mean(train_losses[-steps_per_epoch:]):.3f}",
                     test_acc=f"{test_acc:.3f}")
   bar.close()
+  final = float(np.mean(train_losses[-steps_per_epoch:]))
+  finite = bool(np.all(np.isfinite(train_losses)))
   return {
       "name": spec.name,
       "learning_rate": learning_rate,
+      "seed": seed,
       "train_loss": train_losses,
       "test_loss": test_losses,
       "test_acc": test_accs,
-      "final_train_loss": float(np.mean(train_losses[-steps_per_epoch:])),
+      "final_train_loss": final,
       "ms_per_step": 1e3 * step_time / total,
       "compile_s": compile_s,
-      "finite": bool(np.all(np.isfinite(train_losses))),
+      "finite": finite,
+      "diverged": diverged(train_losses, final),
   }
 
 
-def table(results) -> str:
-  adam = next((r for r in results if r["name"] == "Adam"), None)
+def _mean_std(values, scale=1.0, digits=2) -> str:
+  values = [scale * v for v in values]
+  spread = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def table(rows) -> str:
+  """The comparison: mean ± std over seeds at each rate."""
+  adam = next((r for r in rows if r["name"] == "Adam"), None)
+  n, larger = len(rows[0]["runs"]), rows[0]["larger_multiplier"]
   lines = [
-      "| optimizer | lr | test acc | final train loss | test loss "
-      "| ms/step | vs Adam | compile s |",
-      "|---|---|---|---|---|---|---|---|",
+      f"| optimizer | lr | test acc % ({n} seeds) | test loss "
+      f"| final train loss | at {larger:g}x lr: test acc % | diverged "
+      "| ms/step | vs Adam |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
-  for r in results:
-    rel = (f"{r['ms_per_step'] / adam['ms_per_step']:.2f}x" if adam
-           else "-")
+  for r in rows:
+    runs, big = r["runs"], r["larger_runs"]
+    ms = statistics.median(run["ms_per_step"] for run in runs)
+    rel = (f"{ms / statistics.median(a['ms_per_step'] for a in adam['runs']):.2f}x"
+           if adam else "-")
     lines.append(
-        f"| {r['name']} | {r['learning_rate']:g} | {r['test_acc'][-1]:.4f} "
-        f"| {r['final_train_loss']:.4f} | {r['test_loss'][-1]:.4f} "
-        f"| {r['ms_per_step']:.2f} | {rel} | {r['compile_s']:.1f} |")
+        f"| {r['name']} | {r['learning_rate']:g} "
+        f"| {_mean_std([x['test_acc'][-1] for x in runs], 100)} "
+        f"| {_mean_std([x['test_loss'][-1] for x in runs], digits=4)} "
+        f"| {_mean_std([x['final_train_loss'] for x in runs], digits=4)} "
+        f"| {_mean_std([x['test_acc'][-1] for x in big], 100)} "
+        f"| {sum(x['diverged'] for x in big)}/{len(big)} "
+        f"| {ms:.2f} | {rel} |")
   return "\n".join(lines)
 
 
-def plot(results, path: str, steps_per_epoch: int) -> None:
+def _band(ax, curves, label):
+  curves = np.asarray(curves)
+  mean, std = curves.mean(0), curves.std(0)
+  x = np.arange(1, curves.shape[1] + 1)
+  line, = ax.plot(x, mean, label=label)
+  ax.fill_between(x, mean - std, mean + std, color=line.get_color(),
+                  alpha=0.2)
+
+
+def plot(rows, path: str, steps_per_epoch: int) -> None:
+  """Training and test loss per epoch, mean ± std over seeds (tuned rate)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(11, 4))
-  for r in results:
-    losses = np.asarray(r["train_loss"])
-    epochs = len(losses) // steps_per_epoch
-    per_epoch = losses[:epochs * steps_per_epoch].reshape(epochs, -1).mean(1)
+  for r in rows:
+    per_epoch = [np.asarray(run["train_loss"]).reshape(
+        -1, steps_per_epoch).mean(1) for run in r["runs"]]
+    accs = [100 * run["test_acc"][-1] for run in r["runs"]]
     label = f"{r['name']} (lr {r['learning_rate']:g})"
-    ax_train.plot(np.arange(1, epochs + 1), per_epoch, label=label)
-    ax_test.plot(np.arange(1, len(r["test_loss"]) + 1), r["test_loss"],
-                 label=f"{label}: {100 * r['test_acc'][-1]:.1f}%")
+    _band(ax_train, per_epoch, label)
+    _band(ax_test, [run["test_loss"] for run in r["runs"]],
+          f"{label}: {np.mean(accs):.1f}%")
   ax_train.set(title="training loss (epoch mean)", xlabel="epoch",
                ylabel="cross-entropy", yscale="log")
-  ax_test.set(title="test loss (final test accuracy)", xlabel="epoch",
+  ax_test.set(title="test loss (mean test accuracy)", xlabel="epoch",
               yscale="log")
   for ax in (ax_train, ax_test):
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.suptitle("Flax CNN on scikit-learn digits (8x8): warmup + cosine decay")
+  fig.suptitle("Flax CNN on scikit-learn digits (8x8): mean ± std over "
+               f"{len(rows[0]['runs'])} seeds")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def sweep(args) -> None:
-  """Trains every optimizer at each of its sweep rates on a validation split.
-
-  The best rate has the lowest validation loss averaged over the last five
-  epochs and over ``--sweep-seeds`` initializations and batch orders
-  (accuracy on 288 images moves in steps of 0.35% and ties often).
-  """
-  data = load_data(args.seed, args.smoke, validation=True)
-  rows = []
-  for spec in SPECS:
-    if spec.name not in args.optimizers:
-      continue
-    for lr in spec.sweep:
-      runs = [train(spec, data, learning_rate=lr, epochs=args.epochs,
-                    batch_size=args.batch_size, seed=args.seed + s,
-                    progress=not args.no_progress)
-              for s in range(args.sweep_seeds)]
-      r = {"name": spec.name, "learning_rate": lr, "runs": runs,
-           "finite": all(run["finite"] for run in runs),
-           "score": float(np.mean([run["test_loss"][-5:] for run in runs])),
-           "val_acc": float(np.mean([run["test_acc"][-1] for run in runs]))}
-      rows.append(r)
-      print(f"{spec.name:>12} lr={lr:<6g} val_acc={r['val_acc']:.4f} "
-            f"val_loss(last 5 epochs, {args.sweep_seeds} seeds)="
-            f"{r['score']:.4f}", flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "digits_sweep.json"), "w") as f:
-    json.dump(rows, f)
-  best = {}
-  for r in rows:
-    if r["finite"] and (r["name"] not in best
-                        or r["score"] < best[r["name"]]["score"]):
-      best[r["name"]] = r
-  for name, r in best.items():
-    print(f"best {name}: lr={r['learning_rate']:g}")
+def compare(spec: Spec, data, args):
+  """Every seed at the tuned rate and at ``args.larger`` times it."""
+  def runs(learning_rate):
+    return [train(spec, data, learning_rate=learning_rate, epochs=args.epochs,
+                  batch_size=args.batch_size, seed=args.seed + s,
+                  progress=not args.no_progress)
+            for s in range(args.seeds)]
+  return {"name": spec.name, "learning_rate": spec.learning_rate,
+          "runs": runs(spec.learning_rate),
+          "larger_multiplier": args.larger,
+          "larger_runs": runs(args.larger * spec.learning_rate)}
 
 
 def main(argv=None) -> None:
@@ -294,61 +364,59 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default="results",
                       help="output directory (default: results/)")
   parser.add_argument("--epochs", type=int, default=None,
-                      help="default 30 (1 with --smoke)")
+                      help=f"default {EPOCHS} (1 with --smoke)")
   parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0,
+                      help="the data split and the first seed")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="seeds per optimizer and rate (default 3; 1 with "
+                           "--smoke)")
+  parser.add_argument("--larger", type=float, default=LARGER,
+                      help="the second rate, a multiple of the tuned one")
   parser.add_argument("--optimizers", nargs="+", default=None,
                       choices=[s.name for s in SPECS],
                       help="default: all (AdaHessian and Adam with --smoke)")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny run for tests; does not touch docs/")
-  parser.add_argument("--sweep", action="store_true",
-                      help="learning-rate search on a validation split")
-  parser.add_argument("--sweep-seeds", type=int, default=2)
   parser.add_argument("--no-progress", action="store_true",
                       help="no tqdm bars")
   args = parser.parse_args(argv)
   if args.epochs is None:
-    args.epochs = 1 if args.smoke else 30
+    args.epochs = 1 if args.smoke else EPOCHS
+  if args.seeds is None:
+    args.seeds = 1 if args.smoke else 3
   if args.optimizers is None:
     args.optimizers = (["AdaHessian", "Adam"] if args.smoke
                        else [s.name for s in SPECS])
   if args.smoke:
     args.batch_size = min(args.batch_size, 32)
 
-  if args.sweep:
-    sweep(args)
-    return
-
   start = time.perf_counter()
   data = load_data(args.seed, args.smoke, validation=False)
-  results = [
-      train(spec, data, learning_rate=spec.learning_rate, epochs=args.epochs,
-            batch_size=args.batch_size, seed=args.seed,
-            progress=not args.no_progress)
-      for spec in SPECS if spec.name in args.optimizers
-  ]
+  rows = [compare(spec, data, args) for spec in SPECS
+          if spec.name in args.optimizers]
   print()
   print(f"Flax CNN on sklearn digits: {len(data[0])} train / {len(data[2])} "
         f"test images, {args.epochs} epochs of batch {args.batch_size}, "
+        f"seeds {args.seed}..{args.seed + args.seeds - 1}, "
         f"{jax.devices()[0].platform.upper()}")
-  report = table(results)
+  report = table(rows)
   print(report)
 
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "digits_results.md"), "w") as f:
     f.write(report + "\n")
   with open(os.path.join(args.out, "digits_results.json"), "w") as f:
-    json.dump(results, f)
+    json.dump(rows, f)
   png = os.path.join(args.out, "digits_loss.png")
-  plot(results, png, len(data[0]) // args.batch_size)
-  if not args.smoke and len(results) == len(SPECS):
+  plot(rows, png, len(data[0]) // args.batch_size)
+  if not args.smoke and len(rows) == len(SPECS):
     os.makedirs(os.path.dirname(DOCS_PLOT), exist_ok=True)
     shutil.copyfile(png, DOCS_PLOT)
   print(f"wrote {png} ({time.perf_counter() - start:.0f} s in all)")
-  bad = [r["name"] for r in results if not r["finite"]]
+  bad = [r["name"] for r in rows if not all(x["finite"] for x in r["runs"])]
   if bad:
-    raise SystemExit(f"non-finite training loss for {bad}")
+    raise SystemExit(f"non-finite training loss at the tuned rate for {bad}")
 
 
 if __name__ == "__main__":

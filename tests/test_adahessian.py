@@ -70,7 +70,8 @@ JAX_RULES = {"conv": aho.conv_window_mean(), "dense": aho.block_mean(4),
 
 
 def numpy_adahessian(coef, p, steps, *, lr, b1, b2, eps, power, wd,
-                     interval=1, wd_mask=None, grad_hook=None, lr_fn=None):
+                     interval=1, wd_mask=None, grad_hook=None, lr_fn=None,
+                     clip=None):
   """The paper's update, written out in NumPy."""
   p = {k: v.copy() for k, v in p.items()}
   m = {k: np.zeros_like(v) for k, v in p.items()}
@@ -93,6 +94,8 @@ def numpy_adahessian(coef, p, steps, *, lr, b1, b2, eps, power, wd,
       m_hat = m[k] / (1 - b1 ** (t + 1))
       v_hat = v[k] / (1 - b2 ** refreshes)
       u = m_hat / (v_hat ** (power / 2) + eps)
+      if clip is not None:
+        u = np.clip(u, -clip, clip)
       decay = wd if wd_mask is None or wd_mask[k] else 0.0
       p[k] = p[k] - step_lr * (u + decay * p[k])
     trajectory.append({k: x.copy() for k, x in p.items()})
@@ -240,6 +243,19 @@ def test_non_separable_with_probes_reproduced_in_numpy(x64):
     u = (m / (1 - b1 ** (t + 1))) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)
     x = x - lr * u
     np.testing.assert_allclose(flat(got[t]), x, rtol=1e-9, err_msg=f"step {t}")
+
+
+def test_clip_threshold_matches_numpy_reference(x64):
+  coef, p0 = _coefficients(11), _params0(12)
+  case = dict(CASES[0], wd=0.01)
+  want = numpy_adahessian(coef, p0, 10, clip=0.3, **case)
+  unclipped = numpy_adahessian(coef, p0, 10, **case)
+  # The clip is active: the runs differ.
+  assert max(np.abs(want[-1][k] - unclipped[-1][k]).max() for k in p0) > 1e-3
+  tx = aho.adahessian(case["lr"], weight_decay=case["wd"], key=0,
+                      spatial_averaging=JAX_RULES, clip_threshold=0.3)
+  got, _ = run_optax(tx, _jax_loss(coef), p0, 10)
+  assert_trajectories_close(got, want)
 
 
 # --- Composition with other optax transformations.

@@ -34,7 +34,7 @@ def test_digits_smoke(tmp_path):
   assert (tmp_path / "digits_loss.png").stat().st_size > 10_000
   results = json.loads((tmp_path / "digits_results.json").read_text())
   assert [r["name"] for r in results] == ["AdaHessian", "Adam"]
-  for r in results:
+  for r in (x for o in results for x in o["runs"] + o["larger_runs"]):
     assert r["finite"] and len(r["train_loss"]) == 4
     assert 0.0 <= r["test_acc"][-1] <= 1.0
 
@@ -49,3 +49,22 @@ def test_char_lm_smoke(tmp_path):
     # Better than uniform guessing over the vocabulary is not asked of six
     # steps; the loss must just be a finite cross-entropy.
     assert 0.0 < r["final_val_loss"] < 10.0
+
+
+def test_hessian_spectrum_smoke(tmp_path):
+  stdout = _run("hessian_spectrum.py", tmp_path)
+  assert "| initialisation |" in stdout and "| AdaHessian |" in stdout
+  for plot in ("hessian_esd.png", "hessian_top_eigenvalue.png"):
+    assert (tmp_path / plot).stat().st_size > 10_000
+  rows = json.loads((tmp_path / "hessian_spectrum.json").read_text())
+  assert [r["name"] for r in rows] == ["initialisation", "Adam", "AdamW",
+                                       "AdaHessian"]
+  for r in rows:
+    assert r["top3"][0] >= r["top3"][1] >= r["top3"][2] > 0
+    assert r["trace_stderr"] > 0
+    weights = [sum(w) for w in r["esd_weights"]]
+    assert all(abs(w - 1) < 1e-4 for w in weights)
+  for r in rows[1:]:
+    assert len(r["track_top"]) == len(r["track_steps"]) >= 2
+    assert all(t > 0 for t in r["track_top"])
+    assert 0.0 <= r["test_acc"] <= 1.0

@@ -179,6 +179,14 @@ def test_bad_constant_learning_rate_and_weight_decay(name, value, match):
     aho.adahessian(key=0, **kwargs)
 
 
+@pytest.mark.parametrize("value,match", [
+    (0.0, r"must lie in \(0.0, inf\)"), (-1.0, "must lie in"),
+    (float("nan"), "must be finite"), (float("inf"), "must be finite")])
+def test_bad_clip_threshold(value, match):
+  with pytest.raises(ValueError, match=f"clip_threshold {match}"):
+    aho.adahessian(0.1, key=0, clip_threshold=value)
+
+
 def test_schedules_are_not_checked_and_zero_is_fine():
   negative = lambda count: -0.1 * jnp.ones_like(count, jnp.float32)
   aho.adahessian(negative, weight_decay=negative, key=0)

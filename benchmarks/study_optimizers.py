@@ -1,0 +1,304 @@
+"""The study's optimizers and AdaHessian variants, and their step costs.
+
+An :class:`Opt` is a hashable configuration: its family, its options and
+its learning-rate grid (half-decade exponents, ``10 ** (e / 2)``).
+``make(task, schedule, seed)`` builds it as an optax transformation whose
+seed-dependent parts live in its state.
+"""
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import adahessian_optax as aho
+import sgd_sai
+import study_tasks
+
+
+def _shampoo_module():
+  """precondition-opt's Distributed Shampoo, with JAX's removed aliases.
+
+  precondition-opt 0.3.0 (Google's, the last release) still calls
+  ``jax.tree_map``, ``jax.tree_flatten`` and ``jax.tree_unflatten``, removed
+  from JAX; they are restored here, in the study's process only, as the
+  ``jax.tree`` functions they were aliases of.
+  """
+  for name in ("tree_map", "tree_flatten", "tree_unflatten"):
+    if not hasattr(jax, name):
+      setattr(jax, name, getattr(jax.tree, name.removeprefix("tree_")))
+  from precondition import distributed_shampoo  # pylint: disable=import-outside-toplevel
+  return distributed_shampoo
+
+
+def _shampoo(schedule):
+  ds = _shampoo_module()
+  return ds.distributed_shampoo(
+      schedule, block_size=128, beta1=0.9, beta2=0.999,
+      graft_type=ds.GraftingType.RMSPROP_NORMALIZED, nesterov=False,
+      # Inverse roots every 10 steps (every step was 20x Adam's step here).
+      preconditioning_compute_steps=10, generate_training_metrics=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+  """An optimizer configuration of the study.
+
+  Attributes:
+    label: its name in the tables (unique).
+    family: ``"adahessian"``, ``"adam"``, ``"adamw"``, ``"sgdm"``,
+      ``"sophia"``, ``"adan"``, ``"sgd_sai"`` or ``"shampoo"``.
+    grid: the first and last exponent ``e`` of the tuning grid
+      ``10 ** (e / 2)`` (extended while the best is at an edge).
+    options: AdaHessian's options as sorted ``(name, value)`` pairs: ``k``
+      (Hessian every k steps), ``eps``, ``power``, ``n_samples``,
+      ``distribution``, ``block``, ``sub_batch`` (fraction), ``clip``.
+  """
+
+  label: str
+  family: str
+  grid: tuple[int, int]
+  options: tuple = ()
+
+  def option(self, name: str, default: Any = None) -> Any:
+    return dict(self.options).get(name, default)
+
+  @property
+  def needs_value_fn(self) -> bool:
+    return self.family in ("adahessian", "sophia")
+
+  @property
+  def refresh_every(self) -> int:
+    return self.option("k", 1)
+
+  def value_fn(self, loss, batch):
+    """The loss closure of one batch (a sub-batch Hessian if asked)."""
+    fraction = self.option("sub_batch")
+    if fraction is not None:
+      return aho.sub_batch_value_fn(loss, batch, fraction)
+    return lambda params: loss(params, batch)
+
+  def make(self, task, schedule, seed: int) -> optax.GradientTransformation:
+    decay = 1.0 if task.weight_decay else 0.0
+    return optax.chain(_FACTORIES[self.family](self, task, schedule, seed,
+                                               decay))
+
+
+def _adahessian(opt: Opt, task, schedule, seed: int, decay: float):
+  """`aho.adahessian` as its chain, with an optional elementwise clip.
+
+  With ``clip=None`` this is exactly ``aho.adahessian(schedule,
+  weight_decay=5e-4 * decay, ...)``.
+  """
+  k = opt.refresh_every
+  # The CNN's trainer picks one of two compiled steps on the host.
+  interval = None if k > 1 and isinstance(task, study_tasks.CNN) else k
+  clip = opt.option("clip")
+  return optax.chain(
+      aho.scale_by_adahessian(
+          eps=opt.option("eps", 1e-4), hessian_power=opt.option("power", 1.0),
+          key=seed, n_samples=opt.option("n_samples"),
+          distribution=opt.option("distribution"), update_interval=interval,
+          spatial_averaging=task.spatial(opt.option("block"))),
+      *([optax.clip(clip)] if clip is not None else []),
+      optax.add_decayed_weights(5e-4 * decay),
+      optax.scale_by_learning_rate(schedule))
+
+
+_FACTORIES = {
+    "adahessian": _adahessian,
+    "adam": lambda o, t, lr, seed, decay: optax.adam(lr),
+    "adamw": lambda o, t, lr, seed, decay: optax.adamw(
+        lr, weight_decay=1e-2 * decay),
+    "sgdm": lambda o, t, lr, seed, decay: optax.sgd(lr, momentum=0.9),
+    # A fresh probe key per seed: optax's default estimator has a fixed one.
+    "sophia": lambda o, t, lr, seed, decay: optax.contrib.sophia(
+        lr, weight_decay=1e-4 * decay,
+        hessian_diagonal_fn=aho.hutchinson_estimator(key=seed)),
+    "adan": lambda o, t, lr, seed, decay: optax.adan(
+        lr, weight_decay=2e-2 * decay),
+    "sgd_sai": lambda o, t, lr, seed, decay: sgd_sai.sgd_sai(
+        lr, weight_decay=1e-2 * decay),
+    "shampoo": lambda o, t, lr, seed, decay: _shampoo(lr),
+}
+
+ADAHESSIAN = Opt("AdaHessian", "adahessian", (-4, 1))
+_ADAPTIVE, _SGD = (-8, -2), (-6, 0)
+
+
+def baselines(task, quick: bool = False) -> list[Opt]:
+  """AdaHessian and the optimizers users would pick instead.
+
+  Shampoo runs on the quadratics and the MLP only: its step took about 30x
+  Adam's on the MLP here (inverse matrix roots on CPU), too slow for the
+  CNN's and the LM's budget.
+  """
+  if quick:
+    return [ADAHESSIAN, Opt("Adam", "adam", _ADAPTIVE)]
+  out = [ADAHESSIAN,
+         Opt("Adam", "adam", _ADAPTIVE),
+         Opt("AdamW", "adamw", _ADAPTIVE),
+         Opt("SGD+momentum", "sgdm", _SGD),
+         Opt("Sophia-H", "sophia", _ADAPTIVE),
+         Opt("Adan", "adan", _ADAPTIVE),
+         Opt("SGD-SaI", "sgd_sai", _SGD)]
+  if isinstance(task, (study_tasks.Quadratic, study_tasks.DigitsMLP)):
+    out.append(Opt("Shampoo", "shampoo", _ADAPTIVE))
+  return out
+
+
+def remedies(quick: bool = False) -> list[Opt]:
+  """Variants that bound AdaHessian's step where curvature is low."""
+  grid = (-4, 0)
+  clip = Opt("AdaHessian clip 0.1", "adahessian", grid, (("clip", 0.1),))
+  if quick:
+    return [clip]
+  return [clip,
+          Opt("AdaHessian power 0.5", "adahessian", grid, (("power", 0.5),)),
+          Opt("AdaHessian eps 1e-2", "adahessian", grid, (("eps", 1e-2),))]
+
+
+def ablations(task, quick: bool = False) -> list[Opt]:
+  """AdaHessian's options, each run at AdaHessian's tuned rate."""
+  def variant(label, **options):
+    return Opt(label, "adahessian", ADAHESSIAN.grid,
+               tuple(sorted(options.items())))
+  if quick:
+    return [variant("k=2", k=2)]
+  out = [variant(f"k={k}", k=k) for k in (2, 3, 4, 5)]
+  # A stale single-probe estimate early in training: bounded by the clip?
+  out.append(variant("k=4, clip 0.1", k=4, clip=0.1))
+  out += [variant(f"{n} probes", n_samples=n) for n in (2, 4)]
+  out.append(variant("Gaussian probes", distribution="gaussian"))
+  out += [variant(f"block {b}", block=b) for b in task_blocks(task)]
+  if not isinstance(task, study_tasks.CNN):  # BatchNorm: see docs/study.md
+    out += [variant(f"sub-batch {f:g}", sub_batch=f) for f in (0.5, 0.25)]
+  return out
+
+
+def task_blocks(task) -> tuple[int, ...]:
+  """Block sizes tried on the task's dense and attention kernels."""
+  return {"MLP": (4, 16, 64), "char LM": (1, 8, 64)}.get(task.name, ())
+
+
+# --- Step costs --------------------------------------------------------------
+
+
+def _interleaved(programs: dict, rounds: int, steps: int) -> dict:
+  """Median seconds per step of each program, timed in turn each round.
+
+  A program is ``carry -> carry`` with ``carry`` its own state; a list of
+  programs is one cycle (the Hessian every k steps), timed per step.
+  """
+  carries = {name: p[1] for name, p in programs.items()}
+  times = {name: [] for name in programs}
+  for r in range(rounds + 1):
+    for name, (fns, _) in programs.items():
+      start = time.perf_counter()
+      carry = carries[name]
+      for _ in range(max(1, steps // len(fns))):
+        for fn in fns:
+          carry = fn(carry)
+      jax.block_until_ready(carry)
+      carries[name] = carry
+      if r:  # round 0 compiles and warms up
+        times[name].append((time.perf_counter() - start)
+                           / (max(1, steps // len(fns)) * len(fns)))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _functional_programs(task, batch) -> dict:
+  """Adam's step, AdaHessian's k-cycles (fused step) and sub-batch steps."""
+  params = task.init(0)
+  adam = optax.adam(1e-3)
+  ahs = aho.adahessian(1e-3, key=0, update_interval=None,
+                       spatial_averaging=task.spatial(None))
+
+  def first_order(tx):
+    @jax.jit
+    def step(carry):
+      p, s = carry
+      grads = jax.grad(task.loss)(p, batch)
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+    return step, (params, tx.init(params))
+
+  def refresh(fraction):
+    @jax.jit
+    def step(carry):
+      p, s = carry
+      value_fn = (aho.sub_batch_value_fn(task.loss, batch, fraction)
+                  if fraction < 1 else lambda q: task.loss(q, batch))
+      _, grads, hessian = aho.value_grad_and_hessian(value_fn, p, s)
+      updates, s = ahs.update(grads, s, p, hessian=hessian)
+      return optax.apply_updates(p, updates), s
+    return step
+
+  @jax.jit
+  def plain(carry):
+    p, s = carry
+    grads = jax.grad(task.loss)(p, batch)
+    updates, s = ahs.update(grads, s, p, hessian_refresh=False)
+    return optax.apply_updates(p, updates), s
+
+  adam_step, adam_carry = first_order(adam)
+  ah_carry, whole = (params, ahs.init(params)), refresh(1.0)
+  programs = {"Adam": ([adam_step], adam_carry)}
+  programs.update({f"k={k}": ([whole] + [plain] * (k - 1), ah_carry)
+                   for k in range(1, 6)})
+  programs.update({f"sub-batch {f:g}": ([refresh(f)], ah_carry)
+                   for f in (0.5, 0.25)})
+  return programs
+
+
+def _cnn_programs(task) -> dict:
+  """The same on the CNN, with the main job's plain-call NNX steps."""
+  x, y = (jnp.asarray(a[:64]) for a in task.data["test"][:2])
+  model = study_tasks.digits.CNN(nnx.Rngs(0))
+
+  def compiled(spec, refresh):
+    optimizer = nnx.Optimizer(model, spec.make(1e-3, 0), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    step = study_tasks.digits.make_train_step(spec, graphdef, refresh)
+    return (lambda s: step(s, x, y)[0]), state
+
+  adam = study_tasks.digits.Spec("Adam", 0.0, lambda lr, seed: optax.adam(lr))
+  ahs = study_tasks.digits.Spec(
+      "AdaHessian", 0.0, lambda lr, seed: aho.adahessian(
+          lr, key=seed, update_interval=None), needs_value_fn=True,
+      refresh_every=2)
+  with_refresh, state = compiled(ahs, True)
+  without, _ = compiled(ahs, False)
+  adam_step, adam_state = compiled(adam, None)
+  programs = {"Adam": ([adam_step], adam_state)}
+  programs.update({f"k={k}": ([with_refresh] + [without] * (k - 1), state)
+                   for k in range(1, 6)})
+  return programs
+
+
+def measure_costs(quick: bool) -> dict:
+  """Seconds per step as ratios to Adam's, per task (interleaved medians)."""
+  parts = study_tasks.tasks(quick)
+  mlp, lm, cnn = parts["small"][-1], parts["lm"][0], parts["cnn"][0]
+  rounds, steps = (1, 1) if quick else (15, 20)
+  out = {}
+  for task in (mlp, cnn) if quick else (mlp, cnn, lm):
+    if isinstance(task, study_tasks.CNN):
+      programs = _cnn_programs(task)
+    else:
+      batch = tuple(jnp.asarray(b[0, 0]) for b in task.batches(0, "test"))
+      programs = _functional_programs(task, batch if len(batch) > 1
+                                      else batch[0])
+    seconds = _interleaved(programs, rounds, steps)
+    adam = seconds["Adam"]
+    ratio = {name: s / adam for name, s in seconds.items()}
+    out[task.name] = {"adam_ms": 1e3 * adam, "ratio": ratio,
+                      "F": ratio["k=1"]}
+    print(f"cost {task.name}: " + ", ".join(
+        f"{n} {r:.2f}x" for n, r in ratio.items()), flush=True)
+  return out

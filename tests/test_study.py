@@ -1,0 +1,81 @@
+"""The study (benchmarks/study.py): its protocol helpers and a --quick run."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import study  # pylint: disable=wrong-import-position
+import study_report  # pylint: disable=wrong-import-position
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS="--xla_backend_optimization_level=0")
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "study.py"),
+       "--quick", "--no-progress", *args],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return result.stdout
+
+
+def test_score_and_divergence():
+  run = {"eval_loss": [1.0, 0.5, 0.2], "train_loss": [2.3, 1.0, 0.1],
+         "final_train_loss": 0.1}
+  assert study.score([run, run]) == pytest.approx(math.log(0.35))
+  # Judged from the curve: a non-finite loss, or no progress (a final loss
+  # not below 90% of the first, as in a collapse to chance accuracy).
+  blown_up = dict(run, train_loss=[2.3, "nan"], final_train_loss="nan")
+  collapsed = dict(run, train_loss=[2.30, 2.31], final_train_loss=2.29)
+  assert study.score([run, blown_up]) == math.inf
+  assert study.score([run, collapsed]) == math.inf
+  assert study.lr_of(-2) == 0.1 and study.lr_of(1) == 3.162
+
+
+def test_cell_counts_divergences():
+  runs = [{"metric": 90.0, "diverged": False},
+          {"metric": 92.0, "diverged": False},
+          {"metric": 10.0, "diverged": True}]
+  assert study_report.cell(runs[:2], 2) == "91.00 ± 1.41"
+  assert study_report.cell(runs, 1).endswith("(1/3 div.)")
+  assert study_report.cell(runs[2:], 1) == "diverged (1/1)"
+
+
+def test_quick_study_is_cached_and_reported(tmp_path):
+  stdout = _run("--out", str(tmp_path))
+  runs = list((tmp_path / "runs").rglob("*.json"))
+  assert len(runs) > 50
+  done = [int(n) for n in re.findall(r"(\d+) runs done", stdout)]
+  assert len(done) == 3 and all(n > 0 for n in done)
+  for part in ("small", "cnn", "lm"):
+    summary = json.loads((tmp_path / f"summary_{part}.json").read_text())
+    for task in summary["tasks"].values():
+      for result in task["optimizers"].values():
+        assert result["tuned"]["lr"] > 0
+        for r in result["sensitivity"]["1.0"]:
+          assert math.isfinite(float(r["metric"]))
+  costs = json.loads((tmp_path / "summary_cost.json").read_text())
+  assert all(c["ratio"]["k=1"] > 0 for c in costs.values())
+  tables = (tmp_path / "study_tables.md").read_text()
+  for heading in ("Test metric at the tuned rate", "Learning-rate robustness",
+                  "AdaHessian's options", "Cost per step"):
+    assert heading in tables
+  assert "| AdaHessian |" in tables and "| 10x |" in tables
+  assert (tmp_path / "study_lr.png").stat().st_size > 10_000
+
+  again = _run("--out", str(tmp_path), "--part", "small", "cnn", "lm")
+  assert re.findall(r"(\d+) runs done", again) == ["0", "0", "0"]
+  assert len(list((tmp_path / "runs").rglob("*.json"))) == len(runs)
