@@ -241,7 +241,7 @@ def _first_moment(grads: list, old_mu: list, b1) -> list:
 
   So that low-precision params stay strict-clean; it is stored in mu_dtype.
   """
-  wide = [m.astype(_tree.at_least_float32(m.dtype)) for m in old_mu]
+  wide = _tree.widen(old_mu)
   return optax.tree.update_moment(optax.tree.cast_like(grads, wide), wide,
                                   b1, 1)
 

@@ -9,7 +9,8 @@ over batches) and builds an operator on the float leaves of the params:
   pass per product;
 * concrete (called outside any transformation), and always for a
   :class:`DatasetLoss`: Python loops around jitted products, one
-  forward-over-reverse pass each, kept across calls.
+  forward-over-reverse pass each (the closure traced afresh on each call,
+  its compiled product reused while the trace is the same).
 
 Vectors stay lists of leaves (see :mod:`adahessian_optax._lanczos`): each
 leaf keeps its sharding, and its dtype in the products; sums over leaves are
@@ -41,13 +42,12 @@ _WHICH = ("largest", "smallest")
 
 
 def _leading_size(batch: Any) -> int:
-  leaves = jax.tree.leaves(batch)
-  if not leaves or not jnp.shape(leaves[0]):
+  try:
+    return int(_curvature.batch_size(batch))
+  except ValueError as e:
     raise TypeError(
-        "DatasetLoss: cannot read the size of a batch from its first leaf "
-        f"(a batch of {type(batch).__name__}); pass size_fn=<batch -> number "
-        "of examples>")
-  return int(jnp.shape(leaves[0])[0])
+        f"DatasetLoss: cannot read the size of a batch ({e}); pass "
+        "size_fn=<batch -> number of examples>") from None
 
 
 def _in_dtypes_of(vector: list, leaves: list) -> list:
@@ -57,7 +57,7 @@ def _in_dtypes_of(vector: list, leaves: list) -> list:
 def _hvp(value_fn: Callable[[Any], Any], params: Any, tangent: list) -> list:
   """`H tangent` in at least float32, the product taken in the leaves' dtypes."""
   leaves = _tree.FloatLeaves.of(params).select(params)
-  return _lanczos.widen(_curvature.value_grad_hvp(
+  return _tree.widen(_curvature.value_grad_hvp(
       value_fn, params, _in_dtypes_of(tangent, leaves))[2])
 
 
@@ -97,7 +97,8 @@ class DatasetLoss:
   shape (a ragged last batch costs one more compile) and shared by every
   ``DatasetLoss`` of the same ``loss_fn`` object: define it once (not as a
   new lambda per call) to analyse repeatedly, for instance during training
-  with the model's other state passed in the batch.
+  with the model's other state passed in the batch. As under ``jax.jit``,
+  what ``loss_fn`` reads besides its arguments is fixed at that compile.
 
   Args:
     loss_fn: ``loss_fn(params, batch)``, the mean loss over one batch (a
@@ -108,7 +109,7 @@ class DatasetLoss:
       fresh iterator. A one-shot iterator or generator is refused. It must
       give the same batches on every pass.
     size_fn: ``size_fn(batch) -> int``, the number of examples in a batch;
-      by default the leading dimension of the batch's first leaf.
+      by default the leading dimension its array leaves share.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -165,7 +166,7 @@ class DatasetLoss:
         0.0)
     return total / count
 
-  def hvp(self, params: Any, tangent: list) -> list:
+  def _dataset_hvp(self, params: Any, tangent: list) -> list:
     """`H tangent` for the float leaves of `params` (lists, at least f32)."""
     total, count = self._mean(
         lambda t, b, n: _batch_hvp_step(self.loss_fn, params, b, tangent, t,
@@ -192,61 +193,64 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _float_leaves(params: Any, owner: str) -> tuple[_tree.FloatLeaves, list]:
-  if params is None:
-    raise ValueError(f"{owner} needs params, got None")
+  _checks.check_params(owner, params)
   split = _tree.FloatLeaves.of(params)
   if not split.index:
     raise ValueError(
         f"{owner}: params has no floating-point leaf, so there is no Hessian "
         "to analyse (integer, boolean and None leaves get no tangent)")
-  return split, split.select(params)
+  # NumPy leaves are concrete too: placed as JAX arrays, like jit would.
+  leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x
+            for x in split.select(params)]
+  return split, leaves
 
 
 def _dimension(params: Any, owner: str) -> int:
   return _lanczos.dimension(_float_leaves(params, owner)[1])
 
 
-def _jaxpr_hvp(jaxpr: Any, consts: list, params: Any, tangent: list) -> list:
-  """`_hvp` of the loss traced into `jaxpr`, its captured arrays `consts`."""
+def _jaxpr_hvp(jaxpr: Any, consts: list, leaves: list, tangent: list) -> list:
+  """`_hvp` of the loss of float leaves traced into `jaxpr` (captured arrays
+  `consts`)."""
   loss = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(jaxpr,
                                                                   consts))
-  return _hvp(lambda p: loss(*jax.tree.leaves(p))[0], params, tangent)
+  return _hvp(lambda ls: loss(*ls)[0], leaves, tangent)
 
 
-# value_fn -> {params signature: (jaxpr, captured arrays, jitted product)}
+# value_fn -> {(leaf avals and shardings, jaxpr text): jitted product}, the
+# newest _HOST_PROGRAMS per closure.
 _HOST_PRODUCTS = weakref.WeakKeyDictionary()
+_HOST_PROGRAMS = 8
 
 
-def _signature(params: Any) -> tuple:
-  return (jax.tree.structure(params),
-          tuple((jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None))
-                for x in jax.tree.leaves(params)))
-
-
-def _host_closure(value_fn: Callable[[Any], Any], params: Any) -> Any:
+def _host_closure(value_fn: Callable[[Any], Any], params: Any,
+                  split: _tree.FloatLeaves, leaves: list) -> Any:
   """A jitted product for a closure called outside any transformation.
 
   Python loops around it run each product as its own program, which on
   XLA:CPU is faster for convolutions (about 3x for a small CNN) than inside
-  a ``lax`` loop. The arrays the closure captures are passed to the program,
-  not embedded in it. The program is kept for the next call with the same
-  closure and params shapes (a closure is taken to be pure, as by
-  ``jax.jit``). None when the closure captures a tracer.
+  a ``lax`` loop. The closure is traced afresh on every call, as a function
+  of the float leaves (the other leaves, and whatever it reads from Python,
+  enter as they are now); the arrays it captures are passed to the program,
+  not embedded in it, and the compiled program is reused when the trace is
+  the same as an earlier call's. None when the closure captures a tracer.
   """
+  closed = jax.make_jaxpr(lambda ls: _curvature.scalar_loss(
+      value_fn, split.replace(params, ls)))(leaves)
+  if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+    return None
+  signature = (tuple((x.shape, x.dtype, x.sharding) for x in leaves),
+               str(closed.jaxpr))
   try:
     cache = _HOST_PRODUCTS.setdefault(value_fn, {})
   except TypeError:  # not weakly referenceable
     cache = {}
-  signature = _signature(params)
-  if signature not in cache:
-    closed = jax.make_jaxpr(lambda p: _curvature.scalar_loss(value_fn, p))(
-        params)
-    if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
-      return None
-    cache[signature] = (closed.consts,
-                        jax.jit(functools.partial(_jaxpr_hvp, closed.jaxpr)))
-  consts, step = cache[signature]
-  return lambda v: step(consts, params, v)
+  step = cache.pop(signature, None) or jax.jit(
+      functools.partial(_jaxpr_hvp, closed.jaxpr))
+  cache[signature] = step  # newest last
+  while len(cache) > _HOST_PROGRAMS:
+    del cache[next(iter(cache))]
+  return lambda v: step(closed.consts, leaves, v)
 
 
 def _operator(value_fn: Any, params: Any, key: jax.Array,
@@ -263,19 +267,19 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
           f"{owner}: a DatasetLoss loops over its batches in Python, so it "
           "cannot run under jax.jit or another transformation; call it on "
           "concrete params (each batch's product is jitted already)")
-    return _Operator(functools.partial(value_fn.hvp, params), leaves, split,
-                     _lanczos.HOST)
+    matvec = functools.partial(value_fn._dataset_hvp, params)
+    return _Operator(matvec, leaves, split, _lanczos.HOST)
   value_fn = _checks.check_value_fn(value_fn, None, owner)
   # A SubBatchValueFn's products are its head's: the curvature core's.
   if (concrete and axis_name is None
       and not isinstance(value_fn, _curvature.SubBatchValueFn)):
-    matvec = _host_closure(value_fn, params)
+    matvec = _host_closure(value_fn, params, split, leaves)
     if matvec is not None:
       return _Operator(matvec, leaves, split, _lanczos.HOST)
   _, _, hvp = _curvature.linearize(value_fn, params, axis_name=axis_name)
 
   def matvec(v):
-    hv = _lanczos.widen(hvp(_in_dtypes_of(v, leaves)))
+    hv = _tree.widen(hvp(_in_dtypes_of(v, leaves)))
     return _curvature.axis_mean(hv, axis_name)
 
   return _Operator(matvec, leaves, split, _lanczos.TRACED)
@@ -289,7 +293,7 @@ def _negated(op: _Operator) -> _Operator:
 def _next_probe(key: jax.Array, leaves: list, distribution: str):
   key, probe_key = _probes.split(key)
   z = _probes.SAMPLERS[distribution](probe_key, leaves, 1)[0]
-  return key, _lanczos.widen(z)
+  return key, _tree.widen(z)
 
 
 def _draw(op: _Operator, key: jax.Array, distribution: str = "rademacher"):
@@ -312,6 +316,14 @@ def _check_steps(name: str, value: Any, low: int, dim: int, hint: str):
     raise ValueError(
         f"{name} must lie in [{low}, {dim}] ({hint}; the params have {dim} "
         f"floating-point entries), got {value}")
+
+
+def _check_finite(op: _Operator, owner: str, result: jax.Array) -> None:
+  """Outside jit, a non-finite result is an error (under jit it stays NaN)."""
+  if op.loops is _lanczos.HOST and not bool(jnp.all(jnp.isfinite(result))):
+    raise ValueError(
+        f"{owner}: the Hessian-vector products are not finite at these "
+        "params (a NaN or inf in the params, the loss or its derivatives)")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]):
@@ -377,7 +389,7 @@ def _hutch_plus_plus(op: _Operator, key: jax.Array, n: int,
   rest are Hutchinson probes of the deflated `(I - P) H (I - P)`.
   """
   r = n // 3
-  q = [_lanczos.stacked_zeros(x, r) for x in _lanczos.widen(op.leaves)]
+  q = [_lanczos.stacked_zeros(x, r) for x in _tree.widen(op.leaves)]
 
   def sketch(j, carry):
     key, q = carry
@@ -515,6 +527,7 @@ def hessian_trace(
     exact, samples = _hutch_plus_plus(op, key, n_samples, distribution)
   estimate, stderr, per_leaf, per_leaf_stderr, totals = _summary(exact,
                                                                  samples)
+  _check_finite(op, owner, estimate)
   return HessianTrace(
       estimate=estimate,
       stderr=stderr,
@@ -646,6 +659,7 @@ def hessian_eigenvalues(
   state, n, done = _lanczos.lanczos_until_converged(
       op.matvec, v0, max_steps, k, tol, op.loops)
   theta, vectors, residuals = _lanczos.top_pairs(state, n, k)
+  _check_finite(op, owner, theta)
   values = -theta if which == "smallest" else theta
   out = (values, _stacked_like(op, params, vectors, k))
   if return_info:
@@ -807,4 +821,5 @@ def hessian_spectrum(
     return key, _lanczos.quadrature(state)
 
   nodes, weights = op.loops.scan(one, key, num_probes)[1]
+  _check_finite(op, owner, nodes)
   return SpectralDensity(nodes, weights)

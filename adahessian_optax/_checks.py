@@ -89,6 +89,11 @@ def check_float_dtype(name: str, dtype: Any) -> None:
     raise TypeError(f"{name} must be a floating-point dtype, got {canonical}")
 
 
+def check_params(owner: str, params: Any) -> None:
+  if params is None:
+    raise ValueError(f"{owner} needs params, got None")
+
+
 def check_value_fn(value_fn: Any, obj_fn: Any, owner: str):
   """Returns the loss closure given as `value_fn` or `obj_fn`."""
   if value_fn is not None and obj_fn is not None and value_fn is not obj_fn:
@@ -97,9 +102,11 @@ def check_value_fn(value_fn: Any, obj_fn: Any, owner: str):
         "closure, pass only one.")
   fn = value_fn if value_fn is not None else obj_fn
   if fn is None:
+    where = (" (or obj_fn=...) as a keyword argument of update()"
+             if owner.endswith(".update") else "")
     raise ValueError(
-        f"{owner} needs the loss closure: pass value_fn=<params -> scalar loss> "
-        "(or obj_fn=...) as a keyword argument of update().")
+        f"{owner} needs the loss closure: pass value_fn=<params -> scalar "
+        f"loss>{where}.")
   if not callable(fn):
     raise TypeError(
         f"{owner}: value_fn must be a callable params -> scalar loss, got "

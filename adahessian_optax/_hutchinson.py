@@ -91,9 +91,7 @@ class HutchinsonResult(NamedTuple):
 
 def _times(z: list, hz: list) -> list:
   """z * (H z) per leaf, in at least float32."""
-  wide = _tree.at_least_float32
-  return [a.astype(wide(a.dtype)) * b.astype(wide(b.dtype))
-          for a, b in zip(z, hz)]
+  return [a * b for a, b in zip(_tree.widen(z), _tree.widen(hz))]
 
 
 def _mean_of_products(zs: list, hzs: list) -> list:
@@ -130,11 +128,6 @@ def estimate(value_fn: Callable[[Any], jax.Array], params: Any,
   result = HutchinsonResult(value=value, grad=split.replace(zeros, grad),
                             diagonal=split.replace(zeros, diagonal))
   return result, dataclasses.replace(state, key=next_key)
-
-
-def check_params(owner: str, params: Any) -> None:
-  if params is None:
-    raise ValueError(f"{owner} needs params, got None")
 
 
 def hutchinson_diagonal(
@@ -194,7 +187,7 @@ def hutchinson_diagonal(
     Bekas, Kokiopoulou and Saad, `An estimator for the diagonal of a matrix
     <https://doi.org/10.1016/j.apnum.2007.01.003>`_, 2007.
   """
-  check_params("hutchinson_diagonal", params)
+  _checks.check_params("hutchinson_diagonal", params)
   value_fn = _checks.check_value_fn(value_fn, None, "hutchinson_diagonal")
   state = init_state(key, n_samples=n_samples, distribution=distribution,
                      axis_name=axis_name, owner="hutchinson_diagonal")
@@ -257,7 +250,7 @@ def hutchinson_estimator(
   def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
                 **extra_args):
     del updates, extra_args
-    check_params("hutchinson_estimator.update", params)
+    _checks.check_params("hutchinson_estimator.update", params)
     fn = _checks.check_value_fn(value_fn, obj_fn, "hutchinson_estimator.update")
     result, state = estimate(fn, params, state)
     return optax.tree.cast_like(result.diagonal, params), state
@@ -366,7 +359,7 @@ def value_grad_and_hessian(
     <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994.
   """
   state = find_state(opt_state, "value_grad_and_hessian")
-  check_params("value_grad_and_hessian", params)
+  _checks.check_params("value_grad_and_hessian", params)
   value_fn = _checks.check_value_fn(value_fn, None, "value_grad_and_hessian")
   result, state = estimate(value_fn, params, state, barrier=True)
   return result.value, result.grad, HessianEstimate(result.diagonal, state)

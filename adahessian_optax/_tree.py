@@ -58,6 +58,11 @@ def at_least_float32(dtype: Any) -> Any:
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
+def widen(leaves: list) -> list:
+  """Each leaf in at least float32."""
+  return [x.astype(at_least_float32(x.dtype)) for x in leaves]
+
+
 def check_same_structure(params: Any, other: Any, other_name: str,
                          hint: str = "") -> None:
   """Raises a ValueError naming the mismatch when structures or shapes differ.

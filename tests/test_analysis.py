@@ -517,3 +517,53 @@ def test_bad_inputs_are_named():
   spectrum = aho.SpectralDensity(jnp.zeros((1, 2)), jnp.full((1, 2), 0.5))
   with pytest.raises(ValueError, match="sigma"):
     spectrum.density(jnp.zeros(3), 0.0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_repeated_eigenvalue_hidden_by_an_invariant_subspace(jit):
+  # From one start vector the Krylov space of diag(2, 2, 2, 6, 6) has
+  # dimension 2 and its Ritz values {6, 2} are exact with zero residuals; the
+  # second copy of 6 lies in the complement, so the run must not stop there.
+  d = jnp.array([2.0, 2.0, 2.0, 6.0, 6.0])
+  loss = lambda w: 0.5 * jnp.sum(d * w ** 2)
+  fn = lambda w: aho.hessian_eigenvalues(loss, w, 0, k=2, return_info=True)
+  values, _, info = (jax.jit(fn) if jit else fn)(jnp.ones(5))
+  np.testing.assert_allclose(values, [6.0, 6.0], rtol=1e-4)
+  assert bool(info.converged) and int(info.num_steps) > 2
+
+
+def test_host_analysis_sees_the_closure_as_it_is_now():
+  # Outside jit the closure is traced on every call: what it reads from
+  # Python (a global, an attribute, a Python int leaf) is never stale.
+  box = {"scale": 1.0}
+  params = {"w": jnp.ones(3), "repeats": 2}
+
+  def loss(p):
+    return sum(box["scale"] * jnp.sum(p["w"] ** 2) for _ in range(p["repeats"]))
+
+  # H = 2 * repeats * scale * I on w: trace 3 * that, exactly for Rademacher.
+  assert float(aho.hessian_trace(loss, params, 0, n_samples=2).estimate) == 12.0
+  box["scale"] = 10.0
+  assert float(aho.hessian_trace(loss, params, 0, n_samples=2).estimate) == 120.0
+  params["repeats"] = 1
+  top, _ = aho.hessian_eigenvalues(loss, params, 0)
+  np.testing.assert_allclose(top, [20.0], rtol=1e-5)
+  # NumPy params are concrete params.
+  top, _ = aho.hessian_eigenvalues(loss, {"w": np.ones(3), "repeats": 1}, 0)
+  np.testing.assert_allclose(top, [20.0], rtol=1e-5)
+
+
+def test_non_finite_products_raise_outside_jit_and_stop_under_it():
+  loss = lambda w: jnp.sum(jnp.log(w) * w ** 2)  # NaN for w < 0
+  w = -jnp.ones(4)
+  for fn in (lambda: aho.hessian_trace(loss, w, 0, n_samples=4),
+             lambda: aho.hessian_eigenvalues(loss, w, 0),
+             lambda: aho.hessian_spectrum(loss, w, 0, num_steps=3)):
+    with pytest.raises(ValueError, match="not finite"):
+      fn()
+  values, _, info = jax.jit(lambda w: aho.hessian_eigenvalues(
+      loss, w, 0, return_info=True))(w)
+  assert np.isnan(values).all() and not bool(info.converged)
+  assert int(info.num_steps) == 1  # stopped at the first NaN product
+  with pytest.raises(ValueError, match=r"pass value_fn=<params -> scalar loss>\.$"):
+    aho.hessian_trace(None, w, 0)

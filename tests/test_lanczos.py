@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from adahessian_optax import _lanczos
+from adahessian_optax import _tree
 
 SHAPES = ((3, 4), (28,))  # a vector of 40 entries as two leaves
 
@@ -101,13 +102,13 @@ def test_converged_checks_the_leading_block_at_every_size(run, n):
   for k, tol, want in ((2, 1.01 * residual / scale, True),
                        (2, 0.99 * residual / scale, False),
                        (n + 1, 1.0, False)):
-    got = _lanczos.converged(state.alpha, state.beta, n, k, tol)
+    got = _lanczos.converged(state.alpha, state.beta, n, k, tol, 40)
     assert bool(got) == want, (k, tol)
 
 
 def test_mixed_dtypes_accumulate_in_float32():
   leaves = [jnp.ones((4,), jnp.bfloat16), jnp.full((3,), 2.0, jnp.float32)]
-  wide = _lanczos.widen(leaves)
+  wide = _tree.widen(leaves)
   assert [x.dtype for x in wide] == [jnp.float32, jnp.float32]
   dots = _lanczos.leaf_dots(wide, wide)
   assert dots.dtype == jnp.float32
