@@ -7,10 +7,12 @@ over batches) and builds an operator on the float leaves of the params:
 * traced (inside ``jax.jit`` or another transformation): ``lax`` loops, and
   :func:`jax.linearize` of the gradient, so one primal pass and a tangent
   pass per product;
-* concrete (called outside any transformation), and always for a
-  :class:`DatasetLoss`: Python loops around jitted products, one
-  forward-over-reverse pass each (the closure traced afresh on each call,
-  its compiled product reused while the trace is the same).
+* concrete (called outside any transformation): Python loops around
+  jitted programs, one primal pass per call (its residuals kept) and a
+  tangent pass per product (the closure traced afresh on each call, the
+  compiled programs reused while the trace is the same);
+* a :class:`DatasetLoss`: Python loops around a jitted forward-over-reverse
+  product per batch.
 
 Vectors stay lists of leaves (see :mod:`adahessian_optax._lanczos`): each
 leaf keeps its sharding, and its dtype in the products; sums over leaves are
@@ -209,16 +211,21 @@ def _dimension(params: Any, owner: str) -> int:
   return _lanczos.dimension(_float_leaves(params, owner)[1])
 
 
-def _jaxpr_hvp(jaxpr: Any, consts: list, leaves: list, tangent: list) -> list:
-  """`_hvp` of the loss of float leaves traced into `jaxpr` (captured arrays
-  `consts`)."""
+def _jaxpr_linearized(jaxpr: Any, consts: list, leaves: list) -> Any:
+  """The product of the loss of float leaves traced into `jaxpr` (captured
+  arrays `consts`), linearized: a Partial holding the residuals."""
   loss = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(jaxpr,
                                                                   consts))
-  return _hvp(lambda ls: loss(*ls)[0], leaves, tangent)
+  return _curvature.linearize(lambda ls: loss(*ls)[0], leaves)[2]
 
 
-# value_fn -> {(leaf avals and shardings, jaxpr text): jitted product}, the
-# newest _HOST_PROGRAMS per closure.
+@jax.jit
+def _tangent_pass(hvp: Any, leaves: list, v: list) -> list:
+  return _tree.widen(hvp(_in_dtypes_of(v, leaves)))
+
+
+# value_fn -> {(leaf avals and shardings, jaxpr text): jitted linearization},
+# the newest _HOST_PROGRAMS per closure.
 _HOST_PRODUCTS = weakref.WeakKeyDictionary()
 _HOST_PROGRAMS = 8
 
@@ -227,13 +234,15 @@ def _host_closure(value_fn: Callable[[Any], Any], params: Any,
                   split: _tree.FloatLeaves, leaves: list) -> Any:
   """A jitted product for a closure called outside any transformation.
 
-  Python loops around it run each product as its own program, which on
-  XLA:CPU is faster for convolutions (about 3x for a small CNN) than inside
-  a ``lax`` loop. The closure is traced afresh on every call, as a function
-  of the float leaves (the other leaves, and whatever it reads from Python,
-  enter as they are now); the arrays it captures are passed to the program,
-  not embedded in it, and the compiled program is reused when the trace is
-  the same as an earlier call's. None when the closure captures a tracer.
+  One jitted primal pass (`jax.linearize` of the gradient) keeps its
+  residuals, then each product is a jitted tangent pass: Python loops
+  around it run each as its own program, which on XLA:CPU is faster for
+  convolutions (about 3x for a small CNN) than inside a ``lax`` loop. The
+  closure is traced afresh on every call, as a function of the float leaves
+  (the other leaves, and whatever it reads from Python, enter as they are
+  now); the arrays it captures are passed to the program, not embedded in
+  it, and the compiled program is reused when the trace is the same as an
+  earlier call's. None when the closure captures a tracer.
   """
   closed = jax.make_jaxpr(lambda ls: _curvature.scalar_loss(
       value_fn, split.replace(params, ls)))(leaves)
@@ -246,11 +255,12 @@ def _host_closure(value_fn: Callable[[Any], Any], params: Any,
   except TypeError:  # not weakly referenceable
     cache = {}
   step = cache.pop(signature, None) or jax.jit(
-      functools.partial(_jaxpr_hvp, closed.jaxpr))
+      functools.partial(_jaxpr_linearized, closed.jaxpr))
   cache[signature] = step  # newest last
   while len(cache) > _HOST_PROGRAMS:
     del cache[next(iter(cache))]
-  return lambda v: step(closed.consts, leaves, v)
+  hvp = step(closed.consts, leaves)
+  return lambda v: _tangent_pass(hvp, leaves, v)
 
 
 def _operator(value_fn: Any, params: Any, key: jax.Array,
@@ -470,8 +480,8 @@ def hessian_trace(
   Hutch++ the exact part's and the deflated probes' per-leaf terms): the
   per-layer sharpness users compare.
 
-  Each product costs a tangent pass (under jit), a forward-over-reverse
-  pass (outside jit) or a pass over the data (:class:`DatasetLoss`).
+  Each product costs a tangent pass (after one primal pass per call) or,
+  for a :class:`DatasetLoss`, a pass over the data.
 
   Args:
     value_fn: the loss, ``params -> scalar``, or a :class:`DatasetLoss`.

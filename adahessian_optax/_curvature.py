@@ -283,12 +283,18 @@ def value_grad_hvp(value_fn: Callable[[Any], jax.Array], params: Any,
                   axis_name=axis_name)
 
 
+def _product(tangent_map: Any, w: Any, v: list) -> list:
+  return [h / w for h in tangent_map(v)[1]]
+
+
 def linearize(value_fn: Callable[[Any], jax.Array], params: Any, *,
               axis_name: Optional[str] = None):
   """`(value, grad, hvp)`: the primal pass once, `hvp(v)` a tangent pass each.
 
-  For many products at the same params (the analysis tools). The products
-  of a :class:`SubBatchValueFn` are its whole head's, unchunked.
+  For many products at the same params (the analysis tools). `hvp` is a
+  :class:`jax.tree_util.Partial` holding the primal pass's residuals, so a
+  jitted function can return it. The products of a
+  :class:`SubBatchValueFn` are its whole head's, unchunked.
   """
   head, w, tail = value_fn, 1.0, None
   if isinstance(value_fn, SubBatchValueFn):
@@ -299,9 +305,7 @@ def linearize(value_fn: Callable[[Any], jax.Array], params: Any, *,
   value_and_grad, leaves = _value_and_grad_of_leaves(head, params, axis_name)
   (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
   value, grad = _plus_tail(value, grad, tail, params, axis_name)
-  if w == 1.0:
-    return value, grad, lambda v: tangent_map(v)[1]
-  return value, grad, lambda v: [h / w for h in tangent_map(v)[1]]
+  return value, grad, jax.tree_util.Partial(_product, tangent_map, w)
 
 
 def axis_mean(tree: Any, axis_name: Optional[str]) -> Any:

@@ -49,6 +49,9 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="smoke run: tiny batches, few variants and rounds")
+  parser.add_argument("--plan", choices=("full", "gpu"), default="full",
+                      help="gpu: k = 1..5, one fraction, s <= 4 (fewer "
+                           "programs to compile, for benchmarks/gpu.sh)")
   parser.add_argument("--threads", type=int, choices=(0, 1, 2), default=2,
                       help="1: one core, CPU time; 2: wall time (default); "
                            "0: wall time, no pinning (GPU)")
@@ -65,13 +68,15 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def plan(quick):
-  return {
-      "ks": [1, 2] if quick else [1, 2, 3, 4, 5],
-      "fractions": [0.5] if quick else [0.5, 0.25],
-      "fraction_ks": [1] if quick else [1, 2],
-      "samples": [1, 2] if quick else [1, 2, 4, 8],
-  }
+def plan(quick, name="full"):
+  if quick:
+    return {"ks": [1, 2], "fractions": [0.5], "fraction_ks": [1],
+            "samples": [1, 2]}
+  if name == "gpu":
+    return {"ks": [1, 2, 3, 4, 5], "fractions": [0.5], "fraction_ks": [1],
+            "samples": [1, 2, 4]}
+  return {"ks": [1, 2, 3, 4, 5], "fractions": [0.5, 0.25],
+          "fraction_ks": [1, 2], "samples": [1, 2, 4, 8]}
 
 
 def build_variants(problem, p):
@@ -272,7 +277,7 @@ def targets(results, p):
 
 def main(args):
   clock = _timing.configure(args.threads)
-  p = plan(args.quick)
+  p = plan(args.quick, args.plan)
   rounds = args.rounds or (3 if args.quick else 20)
   block = args.block or (0.02 if args.quick else 0.1)
   clock_name = ("process CPU time, 1 core" if args.threads == 1 else

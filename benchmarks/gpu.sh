@@ -30,10 +30,16 @@ run() {  # run <seconds> <name> <script and arguments...>
   echo "   exit $? ; $(tail -n 1 "$out/$name.md")"
 }
 
+# One process per model and benchmark, each with its own budget, so that a
+# slow compile loses one report, not all; the cheapest and most asked-for
+# first. About 300 s in all.
 start=$(date +%s)
-run 50 memory benchmarks/bench_memory.py
-run 170 steps benchmarks/bench_adahessian.py --threads 0 --rounds 10 \
-  --block 0.05 --images none
-run 65 torch benchmarks/bench_torch.py --threads 0 --rounds 10 --block 0.05 \
+for spec in mlp:15:45 transformer:25:80 cnn:20:60; do
+  IFS=: read -r model mem steps <<< "$spec"
+  run "$mem" "memory_$model" benchmarks/bench_memory.py --models "$model"
+  run "$steps" "steps_$model" benchmarks/bench_adahessian.py --threads 0 \
+    --plan gpu --rounds 6 --block 0.03 --images none --models "$model"
+done
+run 50 torch benchmarks/bench_torch.py --threads 0 --rounds 6 --block 0.03 \
   --images none
 echo "done in $(( $(date +%s) - start )) s; reports in $out"
