@@ -34,7 +34,7 @@ run() {  # run <seconds> <name> <script and arguments...>
 # slow compile loses one report, not all; the cheapest and most asked-for
 # first. About 300 s in all.
 start=$(date +%s)
-for spec in mlp:15:45 transformer:25:80 cnn:20:60; do
+for spec in mlp:15:45 transformer:40:70 cnn:20:60; do
   IFS=: read -r model mem steps <<< "$spec"
   run "$mem" "memory_$model" benchmarks/bench_memory.py --models "$model"
   run "$steps" "steps_$model" benchmarks/bench_adahessian.py --threads 0 \
