@@ -490,7 +490,9 @@ def hessian_trace(
     key: an int seed or a JAX PRNG key for the probes.
     n_samples: the number of Hessian-vector products (at least 3 for
       Hutch++).
-    method: ``"hutchinson"`` or ``"hutch++"``.
+    method: ``"hutchinson"`` or ``"hutch++"``. Hutch++ holds its sketch,
+      ``n_samples // 3`` vectors the size of the float params (in at least
+      float32); Hutchinson holds none.
     distribution: ``"rademacher"`` (the smallest variance) or
       ``"gaussian"``.
     axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over

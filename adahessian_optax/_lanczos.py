@@ -278,7 +278,7 @@ def _converged_at_size(alpha, beta, n, k, tol, dim):
   # is the largest pair, one of the wanted ones).
   fresh = (beta[n - 1] != 0) | (n >= dim)
   splits = (index[:-1] < n - 1) & (beta[:-1] == 0)
-  first = jnp.max(jnp.where(splits, index[:-1] + 1, 0))
+  first = jnp.max(jnp.where(splits, index[:-1] + 1, 0), initial=0)
   rows = ((index >= first) & (index < n))[:, None]
   in_block = active & (jnp.sum(jnp.where(rows, s ** 2, 0), axis=0) > 0.5)
   top = jnp.argmax(jnp.where(in_block, theta, -jnp.inf))

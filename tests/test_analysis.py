@@ -567,3 +567,13 @@ def test_non_finite_products_raise_outside_jit_and_stop_under_it():
   assert int(info.num_steps) == 1  # stopped at the first NaN product
   with pytest.raises(ValueError, match=r"pass value_fn=<params -> scalar loss>\.$"):
     aho.hessian_trace(None, w, 0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_one_dimensional_params(jit):
+  # A single float entry: one Lanczos step, no off-diagonal at all.
+  fn = lambda w: aho.hessian_eigenvalues(lambda v: 1.5 * v ** 2, w, 0,
+                                         return_info=True)
+  values, vectors, info = (jax.jit(fn) if jit else fn)(jnp.ones(()))
+  np.testing.assert_allclose(values, [3.0], rtol=1e-6)
+  assert abs(float(vectors[0])) == 1.0 and bool(info.converged)
