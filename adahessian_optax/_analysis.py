@@ -219,9 +219,12 @@ def _jaxpr_linearized(jaxpr: Any, consts: list, leaves: list) -> Any:
   return _curvature.linearize(lambda ls: loss(*ls)[0], leaves)[2]
 
 
-@jax.jit
-def _tangent_pass(hvp: Any, leaves: list, v: list) -> list:
+def _product_of(hvp: Any, leaves: list, v: list) -> list:
+  """`hvp(v)` taken in the leaves' dtypes, returned in at least float32."""
   return _tree.widen(hvp(_in_dtypes_of(v, leaves)))
+
+
+_tangent_pass = jax.jit(_product_of)
 
 
 # value_fn -> {(leaf avals and shardings, jaxpr text): jitted linearization},
@@ -289,8 +292,7 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
   _, _, hvp = _curvature.linearize(value_fn, params, axis_name=axis_name)
 
   def matvec(v):
-    hv = _tree.widen(hvp(_in_dtypes_of(v, leaves)))
-    return _curvature.axis_mean(hv, axis_name)
+    return _curvature.axis_mean(_product_of(hvp, leaves, v), axis_name)
 
   return _Operator(matvec, leaves, split, _lanczos.TRACED)
 

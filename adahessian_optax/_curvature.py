@@ -284,7 +284,8 @@ def value_grad_hvp(value_fn: Callable[[Any], jax.Array], params: Any,
 
 
 def _product(tangent_map: Any, w: Any, v: list) -> list:
-  return [h / w for h in tangent_map(v)[1]]
+  hv = tangent_map(v)[1]
+  return hv if w is None else [h / w for h in hv]
 
 
 def linearize(value_fn: Callable[[Any], jax.Array], params: Any, *,
@@ -305,7 +306,8 @@ def linearize(value_fn: Callable[[Any], jax.Array], params: Any, *,
   value_and_grad, leaves = _value_and_grad_of_leaves(head, params, axis_name)
   (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
   value, grad = _plus_tail(value, grad, tail, params, axis_name)
-  return value, grad, jax.tree_util.Partial(_product, tangent_map, w)
+  return value, grad, jax.tree_util.Partial(
+      _product, tangent_map, None if w == 1.0 else w)
 
 
 def axis_mean(tree: Any, axis_name: Optional[str]) -> Any:
