@@ -300,6 +300,7 @@ def test_warmup_cosine_schedule_and_weight_decay_mask(x64):
   assert_trajectories_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # a composition: injected runs against plain ones
 def test_inject_hyperparams_identical_and_changeable():
   coef, p0 = _coefficients(9), _params0(10)
   loss = _jax_loss(coef)
@@ -423,6 +424,7 @@ def _steps_until_within(tx, loss, x0, optimum, steps, tol):
   return None if bad[-1] == steps - 1 else int(bad[-1]) + 2
 
 
+@pytest.mark.slow  # a convergence race of up to thousands of steps
 @pytest.mark.standard_promotion
 def test_ill_conditioned_quadratic_needs_10x_fewer_steps_than_adam(x64):
   # Curvatures 1 ... 1e4 (condition number 1e4); optimum coordinates of
@@ -689,6 +691,9 @@ def _run_interval(loss, params, steps, interval):
   return out, state, step
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="XLA:CPU only: its convolutions are slow inside "
+                           "control flow, so the refresh selects and warns")
 def test_run_time_refresh_of_a_convolution_on_cpu_selects_and_warns():
   kernel, loss = _conv_problem()
   assert jax.default_backend() == "cpu"

@@ -338,6 +338,7 @@ def _mesh():
   return jax.make_mesh((N_DEVICES,), ("d",), axis_types=(AxisType.Auto,))
 
 
+@pytest.mark.slow  # every tool on 4 devices, against the unsharded run
 def test_sharded_params_and_batch_match_unsharded(mlp_reference):
   mesh = _mesh()
   params, batch, _ = _problem("mlp")
@@ -440,6 +441,7 @@ def test_sub_batch_closure_analyses_its_head():
   np.testing.assert_allclose(trace.estimate, 3.0, rtol=1e-6)
 
 
+@pytest.mark.slow  # compiles an NNX model with BatchNorm and Dropout
 def test_nnx_model_with_batchnorm_and_dropout():
   nnx = pytest.importorskip("flax.nnx")
 

@@ -1,7 +1,6 @@
 """Scale-out: jit with NamedSharding, pmap/shard_map with axis_name, and
 jax.distributed with several processes, each against a single-device run."""
 
-import importlib.util
 import os
 import pathlib
 import re
@@ -18,6 +17,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adahessian_optax as aho
+from examples import multihost
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 4  # devices used; conftest gives the test process 4 CPU devices
@@ -370,23 +370,15 @@ def test_hutchinson_axis_name_averages_shard_estimates(mapper, shard_estimates):
 # Several processes with jax.distributed
 
 
-def _load_example():
-  spec = importlib.util.spec_from_file_location(
-      "multihost_example", ROOT / "examples" / "multihost.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes with jax.distributed, each compiling
 def test_two_processes_match_single_process(tmp_path):
   """2 processes x 2 CPU devices train data-parallel on one global batch."""
-  example = _load_example()
   steps, timeout = 4, 150.0
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -404,7 +396,7 @@ def test_two_processes_match_single_process(tmp_path):
     # Meanwhile, the reference: one process, one device, the same batches.
     one_device = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,),
                                devices=jax.devices()[:1])
-    ref_params, ref_losses = example.train(one_device, steps=steps)
+    ref_params, ref_losses = multihost.train(one_device, steps=steps)
     deadline = time.monotonic() + timeout
     # Stop waiting as soon as one process fails: the other would hang.
     while (any(p.poll() is None for p in procs)
@@ -424,7 +416,7 @@ def test_two_processes_match_single_process(tmp_path):
   assert codes == [0, 0], f"exit codes {codes}:\n{output}"
   assert "2 processes, 4 devices (2 per process)" in output
 
-  assert _max_diff(ref_params, example.init_params()) > 0.05
+  assert _max_diff(ref_params, multihost.init_params()) > 0.05
   for mode in ("jit", "shard_map"):
     results = [dict(np.load(tmp_path / f"{mode}_process_{i}.npz"))
                for i in range(2)]

@@ -12,6 +12,10 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
+# Each example runs in a process of its own, compiling its whole program:
+# 10 to 20 s each on 2 cores.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

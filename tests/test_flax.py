@@ -215,6 +215,7 @@ def _eval_loss(model, x, y):
   return loss
 
 
+@pytest.mark.slow  # a training run
 @pytest.mark.standard_promotion
 def test_nnx_jitted_training_reduces_loss_with_static_refresh():
   model = _BnDropMlp(nnx.Rngs(2), hidden=16)
@@ -355,6 +356,7 @@ def test_linen_train_state_without_extra_args_is_flax():
                           tx_kwargs={"value_fn": lambda p: 0.0})
 
 
+@pytest.mark.slow  # a training run
 def test_linen_jitted_training_reduces_loss_with_static_refresh():
   state, x, y = _linen_setup(aho.adahessian(0.1, key=1, update_interval=None),
                              seed=4)
@@ -381,7 +383,14 @@ def test_import_without_flax():
   code = (
       "import sys; sys.modules['flax'] = None\n"
       "import adahessian_optax as aho\n"
-      "assert aho.adahessian(0.1, key=0) is not None\n"
+      # One step on sum(w^2): H = 2I, so every probe's estimate is 2 and
+      # the first update is -lr * 2w / (2 + eps) whatever the probe.
+      "import jax, jax.numpy as jnp, numpy as np\n"
+      "w = jnp.array([1.0, -2.0])\n"
+      "loss = lambda p: jnp.sum(p ** 2)\n"
+      "tx, g = aho.adahessian(0.1, key=0), jax.grad(loss)(w)\n"
+      "updates, _ = tx.update(g, tx.init(w), w, value_fn=loss)\n"
+      "np.testing.assert_allclose(updates, -0.1 * w / (1 + 5e-5), rtol=1e-6)\n"
       "try:\n"
       "  aho.TrainState\n"
       "except ImportError as e:\n"
@@ -397,6 +406,8 @@ def test_import_without_flax():
   assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # four compiled NNX and Linen programs; the fused and
+# plain steps' equality itself is in test_adahessian's fast set
 def test_fused_step_in_nnx_and_linen_matches_the_plain_step():
   # NNX: the closure over the model's state, fused and plain, on a model
   # without mutable state (so both steps see the same function).

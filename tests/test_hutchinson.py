@@ -36,6 +36,7 @@ def _exact_hessian(loss, params):
   return hess, unravel
 
 
+@pytest.mark.slow  # 4000 estimates per distribution
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_mean_over_keys_matches_exact_diagonal(distribution):
   params, loss = _mlp_problem()

@@ -504,6 +504,7 @@ def _build(spec):
   return params, specs, loss
 
 
+@pytest.mark.slow  # a property search: six random pytrees, each compiled
 @hypothesis.settings(max_examples=6, deadline=None,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow])
 @hypothesis.given(_trees, st.sampled_from([None, "float32"]))
@@ -615,6 +616,7 @@ def test_same_key_same_run(kwargs):
     jax.tree.map(np.testing.assert_array_equal, runs[0], _run(txs[1]))
 
 
+@pytest.mark.slow  # the optimizer op by op outside jit
 def test_jit_and_no_jit_agree():
   tx = aho.adahessian(0.05, key=7, n_samples=2)
   jitted = _run(tx, steps=2, jit=True)

@@ -1,7 +1,4 @@
-"""SGD-SaI (benchmarks/sgd_sai.py) against a NumPy re-implementation."""
-
-import os
-import sys
+"""SGD-SaI (benchmarks/study/sgd_sai.py) against a NumPy re-implementation."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "benchmarks"))
-import sgd_sai  # pylint: disable=wrong-import-position
+from benchmarks.study import sgd_sai
 
 
 def _numpy_sgd_sai(params, grads, lr, momentum, wd, eps, normalize):

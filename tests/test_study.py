@@ -1,4 +1,4 @@
-"""The study (benchmarks/study.py): its protocol helpers and a --quick run."""
+"""The study (benchmarks/study): its protocol helpers and a --quick run."""
 
 import json
 import math
@@ -14,10 +14,11 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
+# pylint: disable=wrong-import-position
+from benchmarks.study import report as study_report  # noqa: E402
+from benchmarks.study import run as study  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import study  # pylint: disable=wrong-import-position
-import study_report  # pylint: disable=wrong-import-position
 
 
 def _run(*args):
@@ -25,8 +26,8 @@ def _run(*args):
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
              XLA_FLAGS="--xla_backend_optimization_level=0")
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "study.py"),
-       "--quick", "--no-progress", *args],
+      [sys.executable, "-m", "benchmarks.study.run", "--quick",
+       "--no-progress", *args],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout
@@ -54,6 +55,7 @@ def test_cell_counts_divergences():
   assert study_report.cell(runs[2:], 1) == "diverged (1/1)"
 
 
+@pytest.mark.slow  # the whole study, tiny, twice: about a minute
 def test_quick_study_is_cached_and_reported(tmp_path):
   stdout = _run("--out", str(tmp_path))
   runs = list((tmp_path / "runs").rglob("*.json"))
@@ -62,16 +64,15 @@ def test_quick_study_is_cached_and_reported(tmp_path):
   assert len(done) == 3 and all(n > 0 for n in done)
   for part in ("small", "cnn", "lm"):
     summary = json.loads((tmp_path / f"summary_{part}.json").read_text())
+    assert summary["machine"].startswith("jax ")  # versions, device, flags
     for task in summary["tasks"].values():
       for result in task["optimizers"].values():
         assert result["tuned"]["lr"] > 0
         for r in result["sensitivity"]["1.0"]:
           assert math.isfinite(float(r["metric"]))
-  costs = json.loads((tmp_path / "summary_cost.json").read_text())
-  assert all(c["ratio"]["k=1"] > 0 for c in costs.values())
   tables = (tmp_path / "study_tables.md").read_text()
   for heading in ("Test metric at the tuned rate", "Learning-rate robustness",
-                  "AdaHessian's options", "Cost per step"):
+                  "AdaHessian's options", "Tuning grids"):
     assert heading in tables
   assert "| AdaHessian |" in tables and "| 10x |" in tables
   assert (tmp_path / "study_lr.png").stat().st_size > 10_000

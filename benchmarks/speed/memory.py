@@ -8,24 +8,19 @@ with the Hessian on half the batch or with the batch in 2 or 4 chunks
 (``aho.sub_batch_value_fn(..., chunks=c)``), with the optimizer states'
 bytes. Target: a refresh step of the Transformer at most 1.5x Adam's.
 
-Usage::
+Usage (from the repository root)::
 
-  python benchmarks/bench_memory.py [--quick] [--json out.json]
+  python -m benchmarks.speed.memory [--quick] [--json out.json]
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-import _models  # noqa: E402
-import _report  # noqa: E402
-import _steps  # noqa: E402
-import _timing  # noqa: E402
+from benchmarks.common import models as _models
+from benchmarks.common import report as _report
+from benchmarks.common import timing as _timing
+from benchmarks.speed import train_steps as _steps
 
 TARGET = 1.5  # the Transformer's refresh step over Adam's
 

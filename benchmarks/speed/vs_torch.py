@@ -4,30 +4,27 @@ The PyTorch reference AdaHessian (``torch-optimizer`` 0.3.0's ``Adahessian``,
 ``backward(create_graph=True)`` then its second backward) and
 ``torch.optim.Adam``, on the torch twins of the benchmark models with the
 same batches and thread count, timed in the same rounds as ``optax.adam``
-and the fused AdaHessian step (see ``_timing.py``). Reports ours over
-torch's step, and each library's AdaHessian step over its own Adam step.
+and the fused AdaHessian step (``benchmarks/common/timing.py``). Reports ours
+over torch's step, and each library's AdaHessian step over its own Adam step.
 Install the peers with ``pip install -e ".[bench]"`` (torch 2.13.0 CPU).
 
-Usage::
+Usage (from the repository root)::
 
-  python benchmarks/bench_torch.py                 # 2 threads, wall time
-  python benchmarks/bench_torch.py --threads 1     # 1 core, CPU time
+  python -m benchmarks.speed.vs_torch                 # 2 threads, wall time
+  python -m benchmarks.speed.vs_torch --threads 1     # 1 core, CPU time
 """
 
 import argparse
 import os
-import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import models as _models
+from benchmarks.common import report as _report
+from benchmarks.common import timing as _timing
+from benchmarks.speed import train_steps as _steps
 
-import _models  # noqa: E402
-import _report  # noqa: E402
-import _steps  # noqa: E402
-import _timing  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 def torch_variants(problem, threads, device):
@@ -90,16 +87,14 @@ def measure(problem, threads, device, rounds, block, clock):
     raise RuntimeError(f"{problem.name}: the torch model has {count} "
                        f"parameters, the Flax one {_models.n_params(params)}")
   variants += tv
-  _timing.calibrate(variants, block, clock)
-  _timing.run_rounds(variants, rounds, clock)
-  by = {v.name: v for v in variants}
+  by = _timing.measure(variants, rounds, block, clock)
   r = lambda a, b: _timing.ratio(by, a, b)
   return {"params": count,
           "ours_over_torch": r("fused", "torch_adahessian"),
           "adam_over_torch_adam": r("adam", "torch_adam"),
           "ours_over_our_adam": r("fused", "adam"),
           "torch_over_torch_adam": r("torch_adahessian", "torch_adam"),
-          "ms": {v.name: _timing.median_ms(v) for v in variants}}
+          "ms": {v.name: _timing.median_ms(v) for v in by.values()}}
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Timing in one process: variants timed in interleaved rounds, ratios within.
+"""The one timer of the benchmarks: variants timed in interleaved rounds.
 
 Each variant is timed in short blocks; in every round all variants run once,
 in a rotating order (reversed every other round); a ratio is taken within
@@ -6,13 +6,16 @@ each round and the median over rounds is reported, so that load on a shared
 machine moves numerator and denominator together. With one thread the
 process is pinned to one core and timed by its CPU time, which other load
 barely moves.
+
+Used by the speed suite (``benchmarks/speed``), the analysis benchmark
+(``benchmarks/analysis``) and, for the seconds of each run, the study.
 """
 
 import dataclasses
 import os
 import platform
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 def configure(threads: int, with_torch: bool = False) -> Callable[[], float]:
   """Pins the process for `threads` (before JAX's first computation).
 
+  ``threads``: 1 pins the process to one core; 2 or 0 (a GPU) leave it.
   Returns the clock: process CPU time for one thread, wall time otherwise.
   """
   if threads == 1:
@@ -55,6 +59,7 @@ class Variant:
   name: str
   unit: Callable[[], Any]
   steps: int = 1
+  block_s: Optional[float] = None  # this variant's block, if not the run's
   calls: int = 1  # units per timed block, set by calibration
   times: dict = dataclasses.field(default_factory=dict)  # round -> s/step
 
@@ -79,14 +84,23 @@ def stepping(step, params, opt_state, batch, pattern) -> Callable[[], None]:
 
 
 def calibrate(variants: list, block_s: float, clock) -> None:
-  """Compiles and warms every variant; sizes its timed block."""
+  """Compiles and warms every variant; sizes its timed block (`block_s`
+  seconds, or the variant's own).
+
+  With a block of 0 a variant is warmed once and timed one unit at a time
+  (units that take long, such as a whole Lanczos run).
+  """
   for v in variants:
+    block = block_s if v.block_s is None else v.block_s
     v.unit()
+    if not block:
+      v.calls = 1
+      continue
     v.unit()
     t0 = clock()
     v.unit()
     dt = clock() - t0
-    v.calls = max(1, int(round(block_s / max(dt, 1e-6))))
+    v.calls = max(1, int(round(block / max(dt, 1e-6))))
 
 
 def run_rounds(variants: list, rounds: int, clock) -> None:
@@ -102,6 +116,13 @@ def run_rounds(variants: list, rounds: int, clock) -> None:
       v.times[r] = (clock() - t0) / (v.calls * v.steps)
     print(f"  round {r + 1}/{rounds}", end="\r", flush=True)
   print(" " * 30, end="\r")
+
+
+def measure(variants: list, rounds: int, block_s: float, clock) -> dict:
+  """Calibrates the variants and times them in `rounds`; name -> variant."""
+  calibrate(variants, block_s, clock)
+  run_rounds(variants, rounds, clock)
+  return {v.name: v for v in variants}
 
 
 def _summary(r: np.ndarray) -> dict:
@@ -122,5 +143,10 @@ def ratio_of(by: dict, names: list, fn: Callable[..., float]) -> dict:
   return _summary(np.asarray([fn(*(x[i] for x in t)) for i in rounds]))
 
 
+def median_s(v: Variant) -> float:
+  """Median seconds per step over the rounds."""
+  return float(np.median(list(v.times.values())))
+
+
 def median_ms(v: Variant) -> float:
-  return float(np.median(list(v.times.values())) * 1e3)
+  return median_s(v) * 1e3

@@ -22,31 +22,38 @@ with Adam, this measures in one process:
 * the top eigenvalue over the whole dataset in batches (``aho.DatasetLoss``,
   PyHessian's ``dataloader=``).
 
-Times: every task is jitted (compile time reported apart), then timed
-``--repeats`` times in rotation with the HVP and gradient it is measured
-against; the median is reported. ``--threads 1`` (default) pins the process
-to one core and reads process CPU time, which other load on a shared
-machine disturbs little; ``--threads 2`` uses wall time on two threads.
+Times (``benchmarks/common/timing.py``): every task is jitted (compile time
+reported apart) and warmed up; then, ``--repeats`` rounds, each running every
+task of a model once, outside jit and in jit, in a rotating order, beside one
+HVP and one gradient of the same loss; the time is the median over rounds and
+"in HVPs" / "in gradients" the median of the within-round ratios.
+``--threads 1`` (default) pins the process to one core and reads process CPU
+time, which other load on a shared machine disturbs little; ``--threads 2``
+uses wall time on two threads.
 
-Usage::
+Usage (from the repository root)::
 
-  python benchmarks/bench_analysis.py --quick      # a smoke run, ~1 minute
-  python benchmarks/bench_analysis.py              # the full run
+  python -m benchmarks.analysis.vs_pyhessian --quick    # a smoke run, ~1 min
+  python -m benchmarks.analysis.vs_pyhessian            # the full run
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from sklearn.datasets import load_digits
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+import adahessian_optax as aho
+from benchmarks.common import models
+from benchmarks.common import report
+from benchmarks.common import timing
 
 
 def parse_args(argv=None):
@@ -63,113 +70,17 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
-  ARGS = parse_args()
-  if ARGS.threads == 1:
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-# pylint: disable=wrong-import-position
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-
-import adahessian_optax as aho  # noqa: E402
-
 TOL = 1e-4
+UNIT_BLOCK_S = 0.1  # seconds per timed block of one HVP, of one gradient
 TASKS = ("top-1", "top-5", "trace", "trace hutch++", "esd 10x50",
          "esd 1x100")
 
 
-# --------------------------------------------------------------------------
-# Models: plain JAX functions of a dict of arrays, mirrored in torch.
-
-
-def init_params(name, rng):
-  def dense(n_in, n_out):
-    return rng.normal(size=(n_in, n_out)) / np.sqrt(n_in), np.zeros(n_out)
-
-  def conv(c_in, c_out):
-    return (rng.normal(size=(3, 3, c_in, c_out)) / np.sqrt(9 * c_in),
-            np.zeros(c_out))
-
-  if name == "mlp":
-    layers = {"dense1": dense(64, 32), "dense2": dense(32, 10)}
-  else:
-    layers = {"conv1": conv(1, 8), "conv2": conv(8, 16),
-              "dense": dense(64, 10)}
-  return {k: {"w": np.float32(w), "b": np.float32(b)}
-          for k, (w, b) in layers.items()}
-
-
-def _conv(x, p):
-  y = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y + p["b"]
-
-
-def _pool(x):
-  n, h, w, c = x.shape
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
-def apply(name, params, x):
-  if name == "mlp":
-    h = jnp.tanh(x.reshape(x.shape[0], -1) @ params["dense1"]["w"]
-                 + params["dense1"]["b"])
-    return h @ params["dense2"]["w"] + params["dense2"]["b"]
-  h = _pool(jnp.tanh(_conv(x, params["conv1"])))
-  h = _pool(jnp.tanh(_conv(h, params["conv2"])))
-  return h.reshape(x.shape[0], -1) @ params["dense"]["w"] + params["dense"]["b"]
-
-
 def loss_fn(name, params, batch):
+  """Cross-entropy of the exact-Hessian network `name` (common.models)."""
   x, y = batch
   return optax.softmax_cross_entropy_with_integer_labels(
-      apply(name, params, x), y).mean()
-
-
-def torch_model(name, params):
-  """The same network in torch, with the same weights (NHWC order kept)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from torch import nn  # pylint: disable=import-outside-toplevel
-
-  def linear(p):
-    layer = nn.Linear(*p["w"].shape)
-    layer.weight.data = torch.tensor(np.asarray(p["w"]).T.copy())
-    layer.bias.data = torch.tensor(np.asarray(p["b"]))
-    return layer
-
-  def conv(p):
-    layer = nn.Conv2d(p["w"].shape[2], p["w"].shape[3], 3, padding=1)
-    layer.weight.data = torch.tensor(
-        np.asarray(p["w"]).transpose(3, 2, 0, 1).copy())
-    layer.bias.data = torch.tensor(np.asarray(p["b"]))
-    return layer
-
-  class Net(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      if name == "mlp":
-        self.layers = nn.ModuleList([linear(params["dense1"]),
-                                     linear(params["dense2"])])
-      else:
-        self.layers = nn.ModuleList([conv(params["conv1"]),
-                                     conv(params["conv2"]),
-                                     linear(params["dense"])])
-
-    def forward(self, x):  # x: NHWC
-      if name == "mlp":
-        return self.layers[1](torch.tanh(self.layers[0](x.flatten(1))))
-      h = x.permute(0, 3, 1, 2)
-      for layer in self.layers[:2]:
-        h = nn.functional.avg_pool2d(torch.tanh(layer(h)), 2)
-      return self.layers[2](h.permute(0, 2, 3, 1).flatten(1))
-
-  return Net()
+      models.small_apply(name, params, x), y).mean()
 
 
 # --------------------------------------------------------------------------
@@ -206,47 +117,6 @@ def exact_hessian(value_fn, params, chunk=64):
   hess = np.concatenate([np.asarray(columns(eye[i:i + chunk]), np.float64)
                          for i in range(0, flat.size, chunk)])
   return (hess + hess.T) / 2
-
-
-# --------------------------------------------------------------------------
-# Timing.
-
-
-def clock(threads):
-  return time.process_time if threads == 1 else time.perf_counter
-
-
-def run_once(fn, now):
-  start = now()
-  jax.block_until_ready(fn())
-  return now() - start
-
-
-def median_times(fns, repeats, now):
-  """Median seconds of each function, timed in rotation after a warm-up."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for r in range(repeats):
-    names = list(fns)
-    names = names[r % len(names):] + names[:r % len(names)]
-    for name in names:
-      times[name].append(run_once(fns[name], now))
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def unit_time(fn, now, target=0.2):
-  """Seconds per call of a fast function, from a block of calls."""
-  jax.block_until_ready(fn())
-  calls, elapsed = 1, 0.0
-  while elapsed < target:
-    calls *= 2
-    start = now()
-    for _ in range(calls):
-      out = fn()
-    jax.block_until_ready(out)
-    elapsed = now() - start
-  return elapsed / calls
 
 
 # --------------------------------------------------------------------------
@@ -309,44 +179,64 @@ def jax_tasks(quick):
           "esd 1x100": spectrum(1, 20 if quick else 100)}
 
 
-def _record(line, task, hvps, seconds, unit, result, exact_eigs, sigma,
-            label=None):
-  out = {"hvps": int(hvps), "seconds": seconds,
-         "in_hvps": seconds / unit["hvp"], "in_grads": seconds / unit["grad"],
-         "error": errors(task, result, exact_eigs, sigma)}
-  print(f"  {line:11s} {label or task:14s} hvps {int(hvps):5d} {seconds * 1e3:9.1f} ms"
-        f" = {out['in_hvps']:7.1f} HVPs = {out['in_grads']:7.1f} grads"
-        f"  error {out['error']:.2e}", flush=True)
+def timed(tasks: dict, rounds: int, clock, hvp=None, grad=None) -> dict:
+  """Each task's median seconds, and with `hvp` and `grad` (units of one
+  product and one gradient) its time in HVPs and in gradients, as medians
+  of within-round ratios; name -> dict, ``"hvp"`` and ``"grad"`` too."""
+  units = [timing.Variant(n, u) for n, u in (("hvp", hvp), ("grad", grad))
+           if u is not None]
+  # A task is warmed once, then timed one call per round.
+  work = [timing.Variant(name, unit, block_s=0)
+          for name, unit in tasks.items()]
+  by = timing.measure(units + work, rounds, UNIT_BLOCK_S, clock)
+  out = {}
+  for name in by:
+    out[name] = {"seconds": timing.median_s(by[name])}
+    if units and name in tasks:
+      out[name]["in_hvps"] = timing.ratio(by, name, "hvp")["median"]
+      out[name]["in_grads"] = timing.ratio(by, name, "grad")["median"]
   return out
 
 
-def measure_jax(name, params, batch, exact_eigs, sigma, args, now):
+def _record(line, task, hvps, times, result, exact_eigs, sigma, label=None):
+  out = {"hvps": int(hvps), **times,
+         "error": errors(task, result, exact_eigs, sigma)}
+  print(f"  {line:11s} {label or task:14s} hvps {int(hvps):5d} "
+        f"{out['seconds'] * 1e3:9.1f} ms = {out['in_hvps']:7.1f} HVPs = "
+        f"{out['in_grads']:7.1f} grads  error {out['error']:.2e}", flush=True)
+  return out
+
+
+def measure_jax(name, params, batch, exact_eigs, sigma, args, clock):
   """Each task eagerly (Python loops around jitted products) and in jit."""
   value_fn = lambda p: loss_fn(name, p, batch)
   tangent = jax.tree.map(jnp.ones_like, params)
   hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(value_fn), (p,), (v,))[1])
   grad = jax.jit(jax.grad(value_fn))
-  unit = {"hvp": unit_time(lambda: hvp(params, tangent), now),
-          "grad": unit_time(lambda: grad(params), now)}
-  out = {"hvp_s": unit["hvp"], "grad_s": unit["grad"]}
+  units, results, out = {}, {}, {}
   for task, fn in jax_tasks(args.quick).items():
     jitted = jax.jit(lambda p, b, fn=fn: fn(lambda q: loss_fn(name, q, b), p))
     start = time.perf_counter()
     jitted = jitted.lower(params, batch).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    result, hvps = fn(value_fn, params)  # compiles the eager path's steps
+    results[f"{task} (eager)"] = fn(value_fn, params)  # compiles its steps
     first_s = time.perf_counter() - start
-    t = median_times({"jit": lambda: jitted(params, batch),
-                      "eager": lambda fn=fn: fn(value_fn, params)},
-                     args.repeats, now)
-    for mode in ("eager", "jit"):
-      if mode == "jit":
-        result, hvps = jitted(params, batch)
-      out[f"{task} ({mode})"] = _record(
-          f"jax {mode}", task, hvps, t[mode], unit, result, exact_eigs, sigma)
-    out[f"{task} (jit)"]["compile_s"] = compile_s
-    out[f"{task} (eager)"]["first_call_s"] = first_s
+    results[f"{task} (jit)"] = jitted(params, batch)
+    units[f"{task} (eager)"] = timing.jax_unit(
+        lambda fn=fn: fn(value_fn, params))
+    units[f"{task} (jit)"] = timing.jax_unit(
+        lambda jitted=jitted: jitted(params, batch))
+    out[f"{task} (jit)"] = {"compile_s": compile_s}
+    out[f"{task} (eager)"] = {"first_call_s": first_s}
+  times = timed(units, args.repeats, clock,
+                hvp=timing.jax_unit(lambda: hvp(params, tangent)),
+                grad=timing.jax_unit(lambda: grad(params)))
+  for key, (result, hvps) in results.items():
+    task, mode = key[:-1].split(" (")
+    out[key].update(_record(f"jax {mode}", task, hvps, times[key], result,
+                            exact_eigs, sigma))
+  out.update(hvp_s=times["hvp"]["seconds"], grad_s=times["grad"]["seconds"])
   return out
 
 
@@ -405,14 +295,14 @@ def pyhessian_tasks(quick):
           "esd 1x100": density(1, 20 if quick else 100)}
 
 
-def measure_pyhessian(name, params, batch, exact_eigs, sigma, args, now):
+def measure_pyhessian(name, params, batch, exact_eigs, sigma, args, clock):
   import torch  # pylint: disable=import-outside-toplevel
   import pyhessian  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
   # PyHessian 0.1 builds its graph with loss.backward(create_graph=True).
   warnings.filterwarnings("ignore", "Using backward", UserWarning)
   counter = _patch_pyhessian()
-  model = torch_model(name, params)
+  model = models.small_torch(name, params)
   x, y = (torch.tensor(np.asarray(a)) for a in batch)
   y = y.long()
   criterion = torch.nn.CrossEntropyLoss()
@@ -427,51 +317,52 @@ def measure_pyhessian(name, params, batch, exact_eigs, sigma, args, now):
     h = pyhessian.hessian(model, criterion, data=(x, y), cuda=False)
     return task_fn(h)
 
+  def counted(task, task_fn):
+    """The task's result and the HVPs it took."""
+    counter["hvps"] = 0
+    result = run(task_fn)
+    if task.startswith("esd"):
+      result = (np.asarray(result[0]), np.asarray(result[1]))
+    return result, counter["hvps"]
+
   v = [torch.ones_like(p) for p in model.parameters()]
   graph = pyhessian.hessian(model, criterion, data=(x, y), cuda=False)
 
   def hvp():
-    for _ in range(5):
-      torch.autograd.grad(graph.gradsH, graph.params, grad_outputs=v,
-                          retain_graph=True)
+    torch.autograd.grad(graph.gradsH, graph.params, grad_outputs=v,
+                        retain_graph=True)
 
   def grad():
-    for _ in range(5):
-      model.zero_grad()
-      criterion(model(x), y).backward()
+    model.zero_grad()
+    criterion(model(x), y).backward()
 
-  unit = {"hvp": median_times({"hvp": hvp}, args.repeats, now)["hvp"] / 5,
-          "grad": median_times({"grad": grad}, args.repeats, now)["grad"] / 5}
-  out = {"hvp_s": unit["hvp"], "grad_s": unit["grad"]}
-  for task, task_fn in pyhessian_tasks(args.quick).items():
-    counter["hvps"] = 0
-    result = run(task_fn)
-    hvps = counter["hvps"]
-    if task.startswith("esd"):
-      result = (np.asarray(result[0]), np.asarray(result[1]))
-    seconds = median_times({"task": lambda f=task_fn: run(f)}, args.repeats,
-                           now)["task"]
-    out[task] = _record("pyhessian", task, hvps, seconds, unit, result,
-                        exact_eigs, sigma)
+  tasks = pyhessian_tasks(args.quick)
+  results = {task: counted(task, fn) for task, fn in tasks.items()}
   # Power iteration to the accuracy Lanczos reaches: the loosest of these
   # tolerances whose answer is within 1e-4 of the exact top eigenvalue.
-  for tol in (1e-4, 1e-5, 1e-6, 1e-7):
-    task_fn = lambda h, tol=tol: h.eigenvalues(maxIter=1000, tol=tol)[0]
-    counter["hvps"] = 0
-    result = run(task_fn)
-    hvps = counter["hvps"]
-    if errors("top-1", result, exact_eigs, sigma) <= TOL:
-      seconds = median_times({"task": lambda f=task_fn: run(f)},
-                             args.repeats, now)["task"]
-      out["top-1 to 1e-4"] = _record("pyhessian", "top-1", hvps, seconds,
-                                     unit, result, exact_eigs, sigma,
-                                     label=f"top-1 tol={tol:g}")
-      out["top-1 to 1e-4"]["tol"] = tol
-      break
+  tol = next((t for t in (1e-4, 1e-5, 1e-6, 1e-7) if errors(
+      "top-1", counted("top-1", _power_iteration(t))[0], exact_eigs,
+      sigma) <= TOL), None)
+  if tol is not None:
+    tasks["top-1 to 1e-4"] = _power_iteration(tol)
+    results["top-1 to 1e-4"] = counted("top-1", tasks["top-1 to 1e-4"])
+  times = timed({task: lambda f=f: run(f) for task, f in tasks.items()},
+                args.repeats, clock, hvp=hvp, grad=grad)
+  out = {"hvp_s": times["hvp"]["seconds"], "grad_s": times["grad"]["seconds"]}
+  for task, (result, hvps) in results.items():
+    out[task] = _record("pyhessian", task.split(" to ")[0], hvps, times[task],
+                        result, exact_eigs, sigma,
+                        label=f"top-1 tol={tol:g}" if " to " in task else None)
+  if tol is not None:
+    out["top-1 to 1e-4"]["tol"] = tol
   return out
 
 
-def measure_dataset(name, params, images, labels, exact_top, args, now,
+def _power_iteration(tol):
+  return lambda h: h.eigenvalues(maxIter=1000, tol=tol)[0]
+
+
+def measure_dataset(name, params, images, labels, exact_top, args, clock,
                     torch_too):
   """Top-1 over the whole dataset in batches of 256 (the last one ragged)."""
   size = 256
@@ -485,16 +376,13 @@ def measure_dataset(name, params, images, labels, exact_top, args, now,
     return values, info.num_steps
 
   values, steps = ours()
-  seconds = median_times({"task": ours}, args.repeats, now)["task"]
-  out = {"jax": {"hvps": int(steps), "seconds": seconds,
-                 "error": abs(float(values[0]) - exact_top) / exact_top}}
-  print(f"  jax   dataset top-1  hvps {int(steps):5d} (passes)  "
-        f"{seconds:7.2f} s  error {out['jax']['error']:.2e}", flush=True)
+  found = {"jax": (float(values[0]), int(steps))}
+  units = {"jax": timing.jax_unit(ours)}
   if torch_too:
     import torch  # pylint: disable=import-outside-toplevel
     import pyhessian  # pylint: disable=import-outside-toplevel
     counter = _patch_pyhessian()
-    model = torch_model(name, params)
+    model = models.small_torch(name, params)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.tensor(images),
                                        torch.tensor(labels).long()),
@@ -508,12 +396,16 @@ def measure_dataset(name, params, images, labels, exact_top, args, now,
 
     counter["hvps"] = 0
     value = theirs()[0]
-    passes = counter["hvps"]
-    seconds = median_times({"task": theirs}, args.repeats, now)["task"]
-    out["torch"] = {"hvps": passes, "seconds": seconds,
-                    "error": float(abs(value - exact_top) / exact_top)}
-    print(f"  torch dataset top-1  hvps {passes:5d} (passes)  "
-          f"{seconds:7.2f} s  error {out['torch']['error']:.2e}", flush=True)
+    found["torch"] = (float(value), counter["hvps"])
+    units["torch"] = theirs
+  times = timed(units, args.repeats, clock)
+  out = {}
+  for lib, (value, passes) in found.items():
+    out[lib] = {"hvps": passes, "seconds": times[lib]["seconds"],
+                "error": abs(value - exact_top) / exact_top}
+    print(f"  {lib:5s} dataset top-1  hvps {passes:5d} (passes)  "
+          f"{out[lib]['seconds']:7.2f} s  error {out[lib]['error']:.2e}",
+          flush=True)
   return out
 
 
@@ -537,55 +429,57 @@ def targets(result):
 
 def markdown(results) -> str:
   """The results as the table of docs/analysis.md."""
-  lines = []
+  header = ["task", "HVPs", "time, ms: outside jit / in jit", "in HVPs",
+            "in gradients", "relative error", "PyHessian HVPs", "PyHessian ms",
+            "PyHessian in HVPs", "PyHessian error"]
+  none = ["-"] * 4
+  parts = []
   for name, m in results["models"].items():
     jax_, torch_ = m["jax"], m.get("torch", {})
-    lines += [
+    parts.append(
         f"**{name.upper()}** ({m['parameters']} parameters, batch "
         f"{results['batch']}; one HVP: JAX {1e3 * jax_['hvp_s']:.2f} ms, "
         + (f"torch {1e3 * torch_['hvp_s']:.2f} ms; " if torch_ else "")
         + f"one gradient: JAX {1e3 * jax_['grad_s']:.2f} ms"
         + (f", torch {1e3 * torch_['grad_s']:.2f} ms" if torch_ else "")
-        + ")", "",
-        "| task | HVPs | time, ms: outside jit / in jit | in HVPs | in "
-        "gradients | relative error | PyHessian HVPs | PyHessian ms | "
-        "PyHessian in HVPs | PyHessian error |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        + ")\n")
+    rows = []
     for task in TASKS:
       eager, jit = jax_[f"{task} (eager)"], jax_[f"{task} (jit)"]
       best = min(eager, jit, key=lambda r: r["seconds"])
-      row = (f"| {task} | {best['hvps']} | {1e3 * eager['seconds']:.1f} / "
-             f"{1e3 * jit['seconds']:.1f} | {best['in_hvps']:.1f} | "
-             f"{best['in_grads']:.1f} | {best['error']:.1e} |")
       theirs = torch_.get(task)
-      row += (f" {theirs['hvps']} | {1e3 * theirs['seconds']:.1f} | "
-              f"{theirs['in_hvps']:.1f} | {theirs['error']:.1e} |"
-              if theirs else " - | - | - | - |")
-      lines.append(row)
+      rows.append(
+          [task, best["hvps"],
+           f"{1e3 * eager['seconds']:.1f} / {1e3 * jit['seconds']:.1f}",
+           f"{best['in_hvps']:.1f}", f"{best['in_grads']:.1f}",
+           f"{best['error']:.1e}"]
+          + ([theirs["hvps"], f"{1e3 * theirs['seconds']:.1f}",
+              f"{theirs['in_hvps']:.1f}", f"{theirs['error']:.1e}"]
+             if theirs else none))
     if "top-1 to 1e-4" in torch_:
       r = torch_["top-1 to 1e-4"]
-      lines.append(f"| top-1, power iteration to 1e-4 (tol={r['tol']:g}) "
-                   f"| | | | | | {r['hvps']} | {1e3 * r['seconds']:.1f} | "
-                   f"{r['in_hvps']:.1f} | {r['error']:.1e} |")
+      rows.append([f"top-1, power iteration to 1e-4 (tol={r['tol']:g})"]
+                  + [""] * 5 + [r["hvps"], f"{1e3 * r['seconds']:.1f}",
+                                f"{r['in_hvps']:.1f}", f"{r['error']:.1e}"])
     if "dataset" in m:
       d = m["dataset"]
-      row = (f"| top-1, whole dataset | {d['jax']['hvps']} passes | "
-             f"{1e3 * d['jax']['seconds']:.0f} / - | | | "
-             f"{d['jax']['error']:.1e} |")
-      row += (f" {d['torch']['hvps']} passes | "
-              f"{1e3 * d['torch']['seconds']:.0f} | | "
-              f"{d['torch']['error']:.1e} |" if "torch" in d
-              else " - | - | - | - |")
-      lines.append(row)
-    lines.append("")
-  return "\n".join(lines)
+      rows.append(
+          ["top-1, whole dataset", f"{d['jax']['hvps']} passes",
+           f"{1e3 * d['jax']['seconds']:.0f} / -", "", "",
+           f"{d['jax']['error']:.1e}"]
+          + ([f"{d['torch']['hvps']} passes",
+              f"{1e3 * d['torch']['seconds']:.0f}", "",
+              f"{d['torch']['error']:.1e}"] if "torch" in d else none))
+    parts.append(report.table(header, rows) + "\n")
+  return "\n".join(parts)
 
 
 def main(args):
+  clock = timing.configure(args.threads, with_torch=True)
   if args.repeats is None:
     args.repeats = 1 if args.quick else 7
-  now = clock(args.threads)
   torch_too = not args.no_torch and pyhessian_available()
+  print(timing.header())
   if not torch_too:
     print("PyHessian not installed (see docs/analysis.md); JAX only")
   images, labels = load_data()
@@ -595,7 +489,7 @@ def main(args):
              "jax": jax.__version__, "batch": n, "models": {}}
   for name in args.models.split(","):
     params = jax.tree.map(jnp.asarray,
-                          init_params(name, np.random.default_rng(0)))
+                          models.small_params(name, np.random.default_rng(0)))
     params = train(name, params, batch, steps=20 if args.quick else 200)
     value_fn = lambda p, name=name: loss_fn(name, p, batch)
     exact_eigs = np.linalg.eigvalsh(exact_hessian(value_fn, params))
@@ -607,10 +501,10 @@ def main(args):
     result = {"parameters": dim, "exact_top5": exact_eigs[::-1][:5].tolist(),
               "exact_trace": float(exact_eigs.sum()),
               "jax": measure_jax(name, params, batch, exact_eigs, sigma, args,
-                                 now)}
+                                 clock)}
     if torch_too:
       result["torch"] = measure_pyhessian(name, params, batch, exact_eigs,
-                                          sigma, args, now)
+                                          sigma, args, clock)
       result["targets"] = targets(result)
       for target, met in result["targets"].items():
         print(f"  target {target}: {'met' if met else 'NOT met'}")
@@ -620,15 +514,12 @@ def main(args):
                                                  jnp.asarray(labels))),
           params))[-1]
       result["dataset"] = measure_dataset(name, params, images, labels,
-                                          data_top, args, now, torch_too)
+                                          data_top, args, clock, torch_too)
     results["models"][name] = result
-  os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(results, f, indent=1)
   print()
   print(markdown(results))
-  print(f"wrote {args.json}")
+  report.save_json(args.json, results)
 
 
 if __name__ == "__main__":
-  main(ARGS)
+  main(parse_args())

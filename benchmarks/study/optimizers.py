@@ -1,4 +1,4 @@
-"""The study's optimizers and AdaHessian variants, and their step costs.
+"""The study's optimizers and AdaHessian variants.
 
 An :class:`Opt` is a hashable configuration: its family, its options and
 its learning-rate grid (half-decade exponents, ``10 ** (e / 2)``).
@@ -7,18 +7,14 @@ seed-dependent parts live in its state.
 """
 
 import dataclasses
-import statistics
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
-from flax import nnx
 
 import adahessian_optax as aho
-import sgd_sai
-import study_tasks
+from benchmarks.study import sgd_sai
+from benchmarks.study import tasks as study_tasks
 
 
 def _shampoo_module():
@@ -184,121 +180,3 @@ def ablations(task, quick: bool = False) -> list[Opt]:
 def task_blocks(task) -> tuple[int, ...]:
   """Block sizes tried on the task's dense and attention kernels."""
   return {"MLP": (4, 16, 64), "char LM": (1, 8, 64)}.get(task.name, ())
-
-
-# --- Step costs --------------------------------------------------------------
-
-
-def _interleaved(programs: dict, rounds: int, steps: int) -> dict:
-  """Median seconds per step of each program, timed in turn each round.
-
-  A program is ``carry -> carry`` with ``carry`` its own state; a list of
-  programs is one cycle (the Hessian every k steps), timed per step.
-  """
-  carries = {name: p[1] for name, p in programs.items()}
-  times = {name: [] for name in programs}
-  for r in range(rounds + 1):
-    for name, (fns, _) in programs.items():
-      start = time.perf_counter()
-      carry = carries[name]
-      for _ in range(max(1, steps // len(fns))):
-        for fn in fns:
-          carry = fn(carry)
-      jax.block_until_ready(carry)
-      carries[name] = carry
-      if r:  # round 0 compiles and warms up
-        times[name].append((time.perf_counter() - start)
-                           / (max(1, steps // len(fns)) * len(fns)))
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _functional_programs(task, batch) -> dict:
-  """Adam's step, AdaHessian's k-cycles (fused step) and sub-batch steps."""
-  params = task.init(0)
-  adam = optax.adam(1e-3)
-  ahs = aho.adahessian(1e-3, key=0, update_interval=None,
-                       spatial_averaging=task.spatial(None))
-
-  def first_order(tx):
-    @jax.jit
-    def step(carry):
-      p, s = carry
-      grads = jax.grad(task.loss)(p, batch)
-      updates, s = tx.update(grads, s, p)
-      return optax.apply_updates(p, updates), s
-    return step, (params, tx.init(params))
-
-  def refresh(fraction):
-    @jax.jit
-    def step(carry):
-      p, s = carry
-      value_fn = (aho.sub_batch_value_fn(task.loss, batch, fraction)
-                  if fraction < 1 else lambda q: task.loss(q, batch))
-      _, grads, hessian = aho.value_grad_and_hessian(value_fn, p, s)
-      updates, s = ahs.update(grads, s, p, hessian=hessian)
-      return optax.apply_updates(p, updates), s
-    return step
-
-  @jax.jit
-  def plain(carry):
-    p, s = carry
-    grads = jax.grad(task.loss)(p, batch)
-    updates, s = ahs.update(grads, s, p, hessian_refresh=False)
-    return optax.apply_updates(p, updates), s
-
-  adam_step, adam_carry = first_order(adam)
-  ah_carry, whole = (params, ahs.init(params)), refresh(1.0)
-  programs = {"Adam": ([adam_step], adam_carry)}
-  programs.update({f"k={k}": ([whole] + [plain] * (k - 1), ah_carry)
-                   for k in range(1, 6)})
-  programs.update({f"sub-batch {f:g}": ([refresh(f)], ah_carry)
-                   for f in (0.5, 0.25)})
-  return programs
-
-
-def _cnn_programs(task) -> dict:
-  """The same on the CNN, with the main job's plain-call NNX steps."""
-  x, y = (jnp.asarray(a[:64]) for a in task.data["test"][:2])
-  model = study_tasks.digits.CNN(nnx.Rngs(0))
-
-  def compiled(spec, refresh):
-    optimizer = nnx.Optimizer(model, spec.make(1e-3, 0), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    step = study_tasks.digits.make_train_step(spec, graphdef, refresh)
-    return (lambda s: step(s, x, y)[0]), state
-
-  adam = study_tasks.digits.Spec("Adam", 0.0, lambda lr, seed: optax.adam(lr))
-  ahs = study_tasks.digits.Spec(
-      "AdaHessian", 0.0, lambda lr, seed: aho.adahessian(
-          lr, key=seed, update_interval=None), needs_value_fn=True,
-      refresh_every=2)
-  with_refresh, state = compiled(ahs, True)
-  without, _ = compiled(ahs, False)
-  adam_step, adam_state = compiled(adam, None)
-  programs = {"Adam": ([adam_step], adam_state)}
-  programs.update({f"k={k}": ([with_refresh] + [without] * (k - 1), state)
-                   for k in range(1, 6)})
-  return programs
-
-
-def measure_costs(quick: bool) -> dict:
-  """Seconds per step as ratios to Adam's, per task (interleaved medians)."""
-  parts = study_tasks.tasks(quick)
-  mlp, lm, cnn = parts["small"][-1], parts["lm"][0], parts["cnn"][0]
-  rounds, steps = (1, 1) if quick else (15, 20)
-  out = {}
-  for task in (mlp, cnn) if quick else (mlp, cnn, lm):
-    if isinstance(task, study_tasks.CNN):
-      programs = _cnn_programs(task)
-    else:
-      batch = tuple(jnp.asarray(b[0, 0]) for b in task.batches(0, "test"))
-      programs = _functional_programs(task, batch if len(batch) > 1
-                                      else batch[0])
-    seconds = _interleaved(programs, rounds, steps)
-    adam = seconds["Adam"]
-    ratio = {name: s / adam for name, s in seconds.items()}
-    out[task.name] = {"adam_ms": 1e3 * adam, "ratio": ratio,
-                      "F": ratio["k=1"]}
-    print(f"cost {task.name}: " + ", ".join(
-        f"{n} {r:.2f}x" for n, r in ratio.items()), flush=True)
-  return out

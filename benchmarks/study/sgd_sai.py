@@ -2,7 +2,7 @@
 
 Xu et al., `No More Adam: Learning Rate Scaling at Initialization is All You
 Need <https://arxiv.org/abs/2412.11768>`_, 2024. No JAX implementation
-exists; this one is the study's own (``benchmarks/study.py``), not part of
+exists; this one is the study's own (``benchmarks/study``), not part of
 the library.
 """
 

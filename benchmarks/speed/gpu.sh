@@ -4,14 +4,14 @@
 # The machine has JAX, Flax, Optax and a CUDA PyTorch but no network, so
 # torch-optimizer (pure Python) travels as wheels in .whl/, made here by
 #   pip download --no-deps torch-optimizer==0.3.0 pytorch-ranger==0.1.1 -d .whl
-# Run it there with `carry: [".whl"]` and the command `bash benchmarks/gpu.sh`;
-# the reports land in $OUT (the device tool's folder that comes back), else
-# results/gpu/. Copy the figures into docs/benchmarks.md.
+# Run it there with `carry: [".whl"]` and the command
+# `bash benchmarks/speed/gpu.sh`; the reports land in $OUT (the device tool's
+# folder that comes back), else results/gpu/. Copy the figures into
+# docs/benchmarks.md.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."   # the repository root: the scripts run as modules
 out="${OUT:-results/gpu}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -21,11 +21,11 @@ fi
   "$python" -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available())"
 } > "$out/machine.txt" 2>&1
 
-run() {  # run <seconds> <name> <script and arguments...>
+run() {  # run <seconds> <name> <module and arguments...>
   local seconds=$1 name=$2
   shift 2
   echo "== $name (at most ${seconds} s)"
-  timeout "$seconds" "$python" "$@" --json "$out/$name.json" \
+  timeout "$seconds" "$python" -m "$@" --json "$out/$name.json" \
     > "$out/$name.md" 2> "$out/$name.err"
   echo "   exit $? ; $(tail -n 1 "$out/$name.md")"
 }
@@ -36,10 +36,10 @@ run() {  # run <seconds> <name> <script and arguments...>
 start=$(date +%s)
 for spec in mlp:15:45 transformer:40:70 cnn:20:60; do
   IFS=: read -r model mem steps <<< "$spec"
-  run "$mem" "memory_$model" benchmarks/bench_memory.py --models "$model"
-  run "$steps" "steps_$model" benchmarks/bench_adahessian.py --threads 0 \
+  run "$mem" "memory_$model" benchmarks.speed.memory --models "$model"
+  run "$steps" "steps_$model" benchmarks.speed.step_cost --threads 0 \
     --plan gpu --rounds 6 --block 0.03 --images none --models "$model"
 done
-run 50 torch benchmarks/bench_torch.py --threads 0 --rounds 6 --block 0.03 \
+run 50 torch benchmarks.speed.vs_torch --threads 0 --rounds 6 --block 0.03 \
   --images none
 echo "done in $(( $(date +%s) - start )) s; reports in $out"

@@ -1,6 +1,11 @@
-"""Reporting: compiled-program facts, Markdown tables, plots and JSON."""
+"""The one report writer of the benchmarks: Markdown tables, JSON, plots.
+
+Also the facts of a compiled program (memory, heavy operations) that the
+speed suite reports.
+"""
 
 import json
+import math
 import os
 import re
 
@@ -17,6 +22,7 @@ def mark(value, target) -> str:
 
 
 def table(header: list, rows: list) -> str:
+  """A Markdown table."""
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
@@ -46,24 +52,49 @@ def checklist(items: list) -> str:
                    + ("" if ok else "  <-- MISSED") for text, ok in items)
 
 
-def save_json(path, payload) -> None:
-  if path:
-    with open(path, "w") as f:
-      json.dump(payload, f, indent=1)
+def finite_json(x):
+  """`x` with NaN and infinities as strings (JSON has none)."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  if isinstance(x, dict):
+    return {k: finite_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [finite_json(v) for v in x]
+  return x
+
+
+def save_json(path, payload, indent=1, announce=True) -> None:
+  """Writes `payload` to `path` (if given) whole or not at all."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(finite_json(payload), f, indent=indent)
+  os.replace(path + ".tmp", path)
+  if announce:
     print(f"wrote {path}")
+
+
+def pyplot():
+  """matplotlib's pyplot, drawing to files only."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def save_figure(fig, path, dpi=110) -> str:
+  """Writes `fig` to `path` and closes it."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return path
 
 
 def figure_saver(image_dir, tag):
   """`save(fig, stem)` writing `<image_dir>/<stem><tag>.png`."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  os.makedirs(image_dir, exist_ok=True)
-
   def save(fig, stem):
-    fig.tight_layout()
-    path = os.path.join(image_dir, f"{stem}{tag}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, os.path.join(image_dir, f"{stem}{tag}.png"))
     print(f"wrote {path}")
-  return plt, save
+  return pyplot(), save

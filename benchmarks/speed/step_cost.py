@@ -1,7 +1,8 @@
 """AdaHessian's cost per step against Adam and the Hessian-vector-product floor.
 
 For an MLP (0.93M parameters), a small CNN and a small Transformer (Flax),
-in one process, as medians of within-round ratios (see ``_timing.py``):
+in one process, as medians of within-round ratios
+(``benchmarks/common/timing.py``):
 
 * the floor F = time(jvp(grad)) / time(grad): what a Hessian-vector product
   costs next to the gradient it comes with;
@@ -15,33 +16,30 @@ in one process, as medians of within-round ratios (see ``_timing.py``):
   at most 1.05 (1 + (F - 1) f / k)), ``n_samples`` = 2, 4, 8, and the
   memory option ``chunks=2``.
 
-Usage::
+Usage (from the repository root)::
 
-  python benchmarks/bench_adahessian.py --quick              # smoke run
-  python benchmarks/bench_adahessian.py                      # 2 threads, wall
-  python benchmarks/bench_adahessian.py --threads 1          # 1 core, CPU time
+  python -m benchmarks.speed.step_cost --quick          # smoke run
+  python -m benchmarks.speed.step_cost                  # 2 threads, wall
+  python -m benchmarks.speed.step_cost --threads 1      # 1 core, CPU time
 """
 
 import argparse
 import os
-import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # These import jax but run nothing: configure() pins threads before the first
 # computation.
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax.tree  # noqa: E402
+import jax
+import numpy as np
+import optax.tree
 
-import _models  # noqa: E402
-import _report  # noqa: E402
-import _steps  # noqa: E402
-import _timing  # noqa: E402
+from benchmarks.common import models as _models
+from benchmarks.common import report as _report
+from benchmarks.common import timing as _timing
+from benchmarks.speed import train_steps as _steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 PAPER_COST = {1: 2.27, 5: 1.25}  # ResNet32 on CIFAR-10 (GPU), x Adam
 
 
@@ -51,7 +49,7 @@ def parse_args(argv=None):
                       help="smoke run: tiny batches, few variants and rounds")
   parser.add_argument("--plan", choices=("full", "gpu"), default="full",
                       help="gpu: k = 1..5, one fraction, s <= 4 (fewer "
-                           "programs to compile, for benchmarks/gpu.sh)")
+                           "programs to compile, for benchmarks/speed/gpu.sh)")
   parser.add_argument("--threads", type=int, choices=(0, 1, 2), default=2,
                       help="1: one core, CPU time; 2: wall time (default); "
                            "0: wall time, no pinning (GPU)")
@@ -126,9 +124,7 @@ def build_variants(problem, p):
 
 def measure(problem, p, rounds, block, clock):
   variants, strategies = build_variants(problem, p)
-  _timing.calibrate(variants, block, clock)
-  _timing.run_rounds(variants, rounds, clock)
-  by = {v.name: v for v in variants}
+  by = _timing.measure(variants, rounds, block, clock)
   r = lambda a, b: _timing.ratio(by, a, b)
   floor = r("hvp", "grad")
 

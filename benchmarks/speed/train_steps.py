@@ -1,4 +1,4 @@
-"""The training steps under test, written the ways the docs describe.
+"""The speed suite's training steps, written the ways the docs describe.
 
 Every step is ``step(params, opt_state, batch, refresh=None)``, jitted with
 ``refresh`` static:
@@ -45,8 +45,7 @@ def _closure(problem, batch, fraction, chunks):
   return aho.sub_batch_value_fn(problem.loss, batch, fraction, chunks=chunks)
 
 
-def train_step(problem, tx, style, *, fraction=1.0, chunks=1,
-               compiler_options=None):
+def train_step(problem, tx, style, *, fraction=1.0, chunks=1):
   """The jitted step of `style` (see the module docstring)."""
   if style not in ("adam",) + STYLES:
     raise ValueError(f"unknown step style {style!r}")
@@ -72,8 +71,7 @@ def train_step(problem, tx, style, *, fraction=1.0, chunks=1,
                                      params, value_fn=value_fn, **flag)
     return optax.apply_updates(params, updates), opt_state
 
-  return jax.jit(step, static_argnames="refresh",
-                 compiler_options=compiler_options)
+  return jax.jit(step, static_argnames="refresh")
 
 
 def refresh_pattern(style, k):

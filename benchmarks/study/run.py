@@ -16,14 +16,16 @@ Adan, SGD-SaI, Shampoo), plus AdaHessian's variants. Protocol:
 
 Every run's result is cached as one JSON file under ``--out`` (default
 ``results/study/``), named by its configuration, so an interrupted study
-resumes. Parts fit in a CPU session each:
+resumes. Parts fit in a CPU session each; from the repository root::
 
-    python benchmarks/study.py --part small    # quadratics and the MLP
-    python benchmarks/study.py --part cnn      # the digits CNN
-    python benchmarks/study.py --part lm       # the character-level LM
-    python benchmarks/study.py --part cost     # step costs, ratios to Adam
-    python benchmarks/study.py --report        # tables and plots from cache
-    python benchmarks/study.py --quick --out /tmp/q   # everything, tiny
+    python -m benchmarks.study.run --part small    # quadratics and the MLP
+    python -m benchmarks.study.run --part cnn      # the digits CNN
+    python -m benchmarks.study.run --part lm       # the character-level LM
+    python -m benchmarks.study.run --report        # tables, plots from cache
+    python -m benchmarks.study.run --quick --out /tmp/q   # everything, tiny
+
+What a step costs against Adam's is the speed suite's question
+(``python -m benchmarks.speed.step_cost``), not the study's.
 """
 
 import argparse
@@ -32,18 +34,19 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study_optimizers as so  # pylint: disable=wrong-import-position
-import study_report  # pylint: disable=wrong-import-position
-import study_tasks  # pylint: disable=wrong-import-position
+from benchmarks.common import report
+from benchmarks.common import timing
+from benchmarks.study import optimizers as so
+from benchmarks.study import report as study_report
+from benchmarks.study import tasks as study_tasks
 
+PARTS = study_report.PARTS
 MULTIPLIERS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 # Seeds: tuning, the tuned rate, the other multipliers (disjoint from tuning).
 TUNE_SEEDS, TEST_SEEDS, SENS_SEEDS = (100, 101), tuple(range(5)), (0, 1, 2)
@@ -99,26 +102,12 @@ class Cache:
       result = study_tasks.run(task, opt, lr, seed, split)
     result.update(seconds=time.perf_counter() - start, lr=lr, seed=seed)
     self.seconds += result["seconds"]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(_finite_json(result), f)
-    os.replace(path + ".tmp", path)
+    report.save_json(path, result, indent=None, announce=False)
     return result
 
 
 def _slug(text: str) -> str:
   return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
-
-
-def _finite_json(x):
-  """NaN and infinities as strings (JSON has none)."""
-  if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
-  if isinstance(x, dict):
-    return {k: _finite_json(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [_finite_json(v) for v in x]
-  return x
 
 
 def _number(x) -> float:
@@ -228,6 +217,7 @@ def run_part(part, args) -> None:
              for t in tasks}
   total = sum(planned.values())
   estimate = sum(n * SECONDS[name] for name, n in planned.items())
+  print(timing.header())
   print(f"part {part}: about {total} runs (some cached), at most "
         f"~{estimate / 60:.0f} min on 2 cores", flush=True)
   start = time.perf_counter()
@@ -249,21 +239,15 @@ def run_part(part, args) -> None:
   elapsed = time.perf_counter() - start
   print(f"part {part}: {cache.misses} runs done, {cache.hits} from the "
         f"cache, {elapsed / 60:.1f} min", flush=True)
-  _write_json(os.path.join(args.out, f"summary_{part}.json"),
-              {"tasks": summary, "minutes": cache.seconds / 60,
-               "runs": cache.misses + cache.hits})
-
-
-def _write_json(path, data) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(_finite_json(data), f, indent=1)
+  report.save_json(os.path.join(args.out, f"summary_{part}.json"),
+                   {"tasks": summary, "minutes": cache.seconds / 60,
+                    "runs": cache.misses + cache.hits,
+                    "machine": timing.header()}, announce=False)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--part", nargs="+",
-                      choices=("small", "cnn", "lm", "cost"), default=[],
+  parser.add_argument("--part", nargs="+", choices=PARTS, default=[],
                       help="parts to run (default with --quick: all)")
   parser.add_argument("--report", action="store_true",
                       help="tables and plots from the cached parts")
@@ -274,17 +258,13 @@ def main(argv=None) -> None:
                       help="with --report: also write docs/images/study_*.png")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  parts = args.part or (["small", "cnn", "lm", "cost"] if args.quick else [])
+  parts = args.part or (list(PARTS) if args.quick else [])
   if not parts and not args.report:
     parser.error("give --part, --report or --quick")
   for part in parts:
-    if part == "cost":
-      _write_json(os.path.join(args.out, "summary_cost.json"),
-                  so.measure_costs(args.quick))
-    else:
-      run_part(part, args)
+    run_part(part, args)
   if args.report or args.quick:
-    study_report.report(args.out, docs=args.docs and not args.quick)
+    study_report.write(args.out, docs=args.docs and not args.quick)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ by the peak rate is the optimizer at that rate).
 
 import dataclasses
 import functools
-import os
-import sys
 from typing import Any, Optional
 
 import jax
@@ -25,11 +23,9 @@ import numpy as np
 import optax
 
 import adahessian_optax as aho
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples"))
-import char_lm  # pylint: disable=wrong-import-position
-import digits  # pylint: disable=wrong-import-position
+from benchmarks.common import models
+from examples import char_lm
+from examples import digits
 
 
 diverged = digits.diverged  # the main job's rule, for every task
@@ -151,10 +147,7 @@ class DigitsMLP(Functional):
             zip(keys, sizes[:-1], sizes[1:]))}
 
   def logits(self, params, x):
-    *hidden, last = params.values()
-    for layer in hidden:
-      x = jax.nn.relu(x @ layer["kernel"] + layer["bias"])
-    return x @ last["kernel"] + last["bias"]
+    return models.mlp_logits(params, x, jax.nn.relu)
 
   def loss(self, params, batch):
     x, y = batch

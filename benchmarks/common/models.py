@@ -1,9 +1,20 @@
-"""The benchmark models, in Flax and (for the PyTorch comparison) in torch.
+"""The benchmarks' models, in JAX and (for the PyTorch peers) in torch.
 
-An MLP (0.93M parameters, its cost in matrix products), a small CNN (its cost
-in convolutions) and a small Transformer (matrix products, softmax and
-LayerNorm), each with a synthetic classification batch. The torch twins have
-the same architectures and parameter counts.
+Two families, for two needs:
+
+* the speed suite's (``benchmarks/speed``): an MLP (0.93M parameters, its
+  cost in matrix products), a small CNN (its cost in convolutions) and a
+  small Transformer (matrix products, softmax and LayerNorm) in Flax, each
+  with a synthetic classification batch (:func:`make_problems`); their torch
+  twins (:func:`torch_models`) have the same architectures and parameter
+  counts;
+* the exact-Hessian networks of the analysis benchmark
+  (``benchmarks/analysis``): a tanh MLP 64-32-10 and a CNN with two 3x3
+  convolutions, a few thousand parameters so that ``jax.hessian`` is
+  affordable, as plain functions of a dict of arrays
+  (:func:`small_params`, :func:`small_apply`) with a torch mirror holding the
+  same weights (:func:`small_torch`). The study's MLP task applies its
+  layers with the same :func:`mlp_logits`.
 """
 
 import dataclasses
@@ -216,3 +227,96 @@ def torch_models():
       return self.out(self.ln(x))
 
   return {"mlp": TMLP, "cnn": TCNN, "transformer": TTransformer}
+
+
+# --------------------------------------------------------------------------
+# Small networks for an exact Hessian (the analysis benchmark).
+
+
+def mlp_logits(params: dict, x, activation=jnp.tanh):
+  """Dense layers ``{name: {"kernel", "bias"}}`` in order, `activation`
+  between them (not after the last)."""
+  *hidden, last = params.values()
+  for layer in hidden:
+    x = activation(x @ layer["kernel"] + layer["bias"])
+  return x @ last["kernel"] + last["bias"]
+
+
+def small_params(name: str, rng: np.random.Generator) -> dict:
+  """The float32 weights of ``"mlp"`` or ``"cnn"``, drawn from `rng`."""
+  def dense(n_in, n_out):
+    return rng.normal(size=(n_in, n_out)) / np.sqrt(n_in), np.zeros(n_out)
+
+  def conv(c_in, c_out):
+    return (rng.normal(size=(3, 3, c_in, c_out)) / np.sqrt(9 * c_in),
+            np.zeros(c_out))
+
+  if name == "mlp":
+    layers = {"dense1": dense(64, 32), "dense2": dense(32, 10)}
+  else:
+    layers = {"conv1": conv(1, 8), "conv2": conv(8, 16),
+              "dense": dense(64, 10)}
+  return {k: {"kernel": np.float32(w), "bias": np.float32(b)}
+          for k, (w, b) in layers.items()}
+
+
+def _conv(x, p):
+  y = jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + p["bias"]
+
+
+def _pool(x):
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def small_apply(name: str, params: dict, x):
+  """Logits of 8x8x1 images (NHWC) under the network `name`."""
+  if name == "mlp":
+    return mlp_logits(params, x.reshape(x.shape[0], -1))
+  h = _pool(jnp.tanh(_conv(x, params["conv1"])))
+  h = _pool(jnp.tanh(_conv(h, params["conv2"])))
+  return mlp_logits({"dense": params["dense"]}, h.reshape(x.shape[0], -1))
+
+
+def small_torch(name: str, params: dict):
+  """The same network in torch, with the same weights (NHWC order kept)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import nn as tnn  # pylint: disable=import-outside-toplevel
+
+  def linear(p):
+    layer = tnn.Linear(*p["kernel"].shape)
+    layer.weight.data = torch.tensor(np.asarray(p["kernel"]).T.copy())
+    layer.bias.data = torch.tensor(np.asarray(p["bias"]))
+    return layer
+
+  def conv(p):
+    layer = tnn.Conv2d(p["kernel"].shape[2], p["kernel"].shape[3], 3,
+                       padding=1)
+    layer.weight.data = torch.tensor(
+        np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy())
+    layer.bias.data = torch.tensor(np.asarray(p["bias"]))
+    return layer
+
+  class Net(tnn.Module):
+
+    def __init__(self):
+      super().__init__()
+      if name == "mlp":
+        self.layers = tnn.ModuleList([linear(params["dense1"]),
+                                      linear(params["dense2"])])
+      else:
+        self.layers = tnn.ModuleList([conv(params["conv1"]),
+                                      conv(params["conv2"]),
+                                      linear(params["dense"])])
+
+    def forward(self, x):  # x: NHWC
+      if name == "mlp":
+        return self.layers[1](torch.tanh(self.layers[0](x.flatten(1))))
+      h = x.permute(0, 3, 1, 2)
+      for layer in self.layers[:2]:
+        h = tnn.functional.avg_pool2d(torch.tanh(layer(h)), 2)
+      return self.layers[2](h.permute(0, 2, 3, 1).flatten(1))
+
+  return Net()

@@ -1,0 +1,2 @@
+"""What every benchmark shares: one set of models, one timer, one report
+writer."""

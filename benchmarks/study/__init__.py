@@ -1,0 +1,2 @@
+"""The study: AdaHessian against seven optimizers on five tasks, tuned on
+validation data (``docs/study.md``)."""

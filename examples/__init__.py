@@ -1,0 +1,1 @@
+"""The examples; each also runs as a script (``python examples/digits.py``)."""
