@@ -1,5 +1,7 @@
 """AdaHessian for Optax: a Hutchinson-preconditioned optimizer for JAX."""
 
+import importlib.util
+
 from adahessian_optax._adahessian import adahessian
 from adahessian_optax._adahessian import PerformanceWarning
 from adahessian_optax._adahessian import scale_by_adahessian
@@ -21,6 +23,7 @@ from adahessian_optax._hutchinson import hutchinson_estimator
 from adahessian_optax._hutchinson import HutchinsonResult
 from adahessian_optax._hutchinson import HutchinsonState
 from adahessian_optax._hutchinson import value_grad_and_hessian
+from adahessian_optax._layouts import spatial_rules
 from adahessian_optax._spatial import block_mean
 from adahessian_optax._spatial import BlockMean
 from adahessian_optax._spatial import conv_window_mean
@@ -29,7 +32,7 @@ from adahessian_optax._spatial import mean_over_axes
 from adahessian_optax._spatial import MeanOverAxes
 from adahessian_optax._spatial import SpatialRule
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Loaded on first use so that importing the package does not need flax.
 _FLAX_NAMES = ("nnx_value_fn", "TrainState")
@@ -66,15 +69,18 @@ __all__ = (
     "masked_value_fn",
     "mean_over_axes",
     "MeanOverAxes",
-    "nnx_value_fn",
     "PerformanceWarning",
     "scale_by_adahessian",
     "ScaleByAdaHessianState",
+    "spatial_rules",
     "SpatialRule",
     "SpectralDensity",
     "sub_batch_value_fn",
     "SubBatchValueFn",
-    "TrainState",
     "unmask_params",
     "value_grad_and_hessian",
 )
+# The Flax helpers are listed only where flax is installed, so that
+# `from adahessian_optax import *` works without it.
+if importlib.util.find_spec("flax") is not None:
+  __all__ += _FLAX_NAMES

@@ -12,11 +12,12 @@ from adahessian_optax import _checks
 from adahessian_optax import _compose
 from adahessian_optax import _curvature
 from adahessian_optax import _hutchinson
+from adahessian_optax import _layouts
 from adahessian_optax import _probes
 from adahessian_optax import _spatial
 from adahessian_optax import _tree
 
-_DEFAULT_SPATIAL = _spatial.conv_window_mean()
+_DEFAULT_SPATIAL = _layouts.default_rules
 
 
 class PerformanceWarning(UserWarning):
@@ -433,7 +434,10 @@ def scale_by_adahessian(
     count = optax.safe_increment(state.count)
     new_updates = _preconditioned(mu, curvature, grads, count, b1_, b2_,
                                   power_, eps_)
-    return split.replace(updates, new_updates), ScaleByAdaHessianState(
+    # Non-float leaves (step counters, masks) are never moved, whatever
+    # update came in for them.
+    zeros = optax.tree.zeros_like(params)
+    return split.replace(zeros, new_updates), ScaleByAdaHessianState(
         count=count,
         hessian_count=curvature.hessian_count,
         nonfinite_hessian_count=curvature.nonfinite_hessian_count,
@@ -444,6 +448,23 @@ def scale_by_adahessian(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _float_only(decay: optax.GradientTransformation
+                ) -> optax.GradientTransformation:
+  """`decay` seeing zeros in place of non-float params, so it leaves them.
+
+  optax's weight decay adds ``wd * p`` to every leaf, and ``apply_updates``
+  would truncate that into an integer leaf. Masking it instead would change
+  the state's structure (and so 0.2 checkpoints).
+  """
+  def update_fn(updates, state, params=None):
+    if params is not None:
+      params = jax.tree.map(
+          lambda p: p if _tree.is_differentiable(p) else jnp.zeros_like(p),
+          params)
+    return decay.update(updates, state, params)
+  return optax.GradientTransformation(decay.init, update_fn)
 
 
 def _check_constant(name: str, value: Any) -> None:
@@ -560,6 +581,6 @@ def adahessian(
           update_interval=update_interval, n_samples=n_samples,
           distribution=distribution, axis_name=axis_name, mu_dtype=mu_dtype),
       *clip,
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      _float_only(optax.add_decayed_weights(weight_decay, weight_decay_mask)),
       optax.scale_by_learning_rate(learning_rate),
   )

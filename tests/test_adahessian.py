@@ -728,3 +728,43 @@ def test_run_time_refresh_without_convolution_uses_cond():
   text = str(jax.make_jaxpr(lambda p, s: tx.update(
       jax.grad(loss)(p), s, p, value_fn=loss))(params, tx.init(params)))
   assert " cond[" in text
+
+
+@pytest.mark.standard_promotion  # optax's clip and decay mix int and float
+def test_non_float_leaves_are_never_moved():
+  """An int leaf with weight decay and clipping: fused and plain steps leave
+  it as it is (0.2's fused step turned [0, 1, 2] into [0, 0, 0])."""
+  params = {"w": jnp.array([1.0, -2.0]), "step": jnp.array([0, 1, 2])}
+  loss = lambda p: jnp.sum(jnp.array([1.0, 3.0]) * p["w"] ** 2)
+  tx = aho.adahessian(0.1, weight_decay=0.5, key=0, clip_threshold=1.0)
+
+  @jax.jit
+  def plain(p, s):
+    g = jax.grad(loss, allow_int=True)(p)  # float0 for the int leaf
+    u, s = tx.update(g, s, p, value_fn=loss)
+    return optax.apply_updates(p, u), s, u
+
+  @jax.jit
+  def fused(p, s):
+    _, g, h = aho.value_grad_and_hessian(loss, p, s)
+    u, s = tx.update(g, s, p, hessian=h)
+    return optax.apply_updates(p, u), s, u
+
+  a = b = params
+  sa = sb = tx.init(params)
+  for _ in range(3):
+    a, sa, ua = plain(a, sa)
+    b, sb, ub = fused(b, sb)
+    np.testing.assert_array_equal(ua["step"], 0)
+    np.testing.assert_array_equal(ub["step"], 0)
+  np.testing.assert_array_equal(a["step"], [0, 1, 2])
+  assert a["step"].dtype == params["step"].dtype == b["step"].dtype
+  np.testing.assert_array_equal(b["step"], [0, 1, 2])
+  np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
+  # Weight decay still reaches the float leaf: with it, w shrinks more.
+  no_decay = aho.adahessian(0.1, key=0, clip_threshold=1.0)
+  u0, _ = no_decay.update(jax.grad(loss, allow_int=True)(params),
+                          no_decay.init(params), params, value_fn=loss)
+  _, _, u1 = plain(params, tx.init(params))
+  np.testing.assert_allclose(u1["w"] - u0["w"], -0.1 * 0.5 * params["w"],
+                             rtol=1e-6)

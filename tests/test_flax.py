@@ -397,6 +397,10 @@ def test_import_without_flax():
       "  assert 'needs flax' in str(e), e\n"
       "else:\n"
       "  raise AssertionError('no ImportError')\n"
+      "names = {}\n"
+      "exec('from adahessian_optax import *', names)\n"
+      "assert 'spatial_rules' in names and 'adahessian' in names\n"
+      "assert 'TrainState' not in names and 'TrainState' not in aho.__all__\n"
       "assert 'flax' not in [m.split('.')[0] for m in sys.modules"
       " if sys.modules[m] is not None]\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")

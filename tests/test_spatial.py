@@ -100,7 +100,8 @@ class _Net(nn.Module):
     return nn.Dense(3)(nn.LayerNorm()(feats))
 
 
-def test_default_is_right_for_flax_layouts():
+def test_conv_window_mean_is_right_for_flax_layouts():
+  # 0.2's default, kept as an explicit rule.
   params = _Net().init(jax.random.key(0), jnp.ones((1, 8, 2)),
                        jnp.ones((1, 8, 8, 2)), jnp.ones((1, 4, 4, 4, 2)))
   params = params["params"]
