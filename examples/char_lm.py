@@ -89,6 +89,11 @@ class CharTransformer(nn.Module):
 def spatial_rules(params, block=32):
   """``block_mean`` on attention and dense kernels, nothing elsewhere.
 
+  Written for 0.2 and kept so that the example's numbers stay comparable: it
+  groups entries along each kernel's last axis (output units).
+  ``aho.spatial_rules(model, tokens, block_size=32)`` gives the paper's
+  grouping, blocks of input features per output unit and head.
+
   The attention kernels are ``(width, heads, head_dim)`` for query, key and
   value and ``(heads, head_dim, width)`` for the output; ``Dense`` kernels are
   ``(in, out)``. All are averaged over blocks of ``block`` entries of their

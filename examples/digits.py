@@ -61,6 +61,13 @@ class CNN(nnx.Module):
     return self.dense2(self.dropout(nnx.relu(self.dense1(x))))
 
 
+@functools.cache
+def cnn_rules():
+  """AdaHessian's spatial averaging for the CNN: its convolution kernels over
+  their 3x3 window, read from the model's layers (the same for every seed)."""
+  return aho.spatial_rules(CNN(nnx.Rngs(0)))
+
+
 def loss_fn(model, x, y):
   logits = model(x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -98,7 +105,8 @@ class Spec:
 # has every grid point's score.
 SPECS = (
     Spec("AdaHessian", 0.3162,
-         lambda lr, seed: aho.adahessian(lr, weight_decay=5e-4, key=seed),
+         lambda lr, seed: aho.adahessian(lr, weight_decay=5e-4, key=seed,
+                                         spatial_averaging=cnn_rules()),
          needs_value_fn=True),
     Spec("AdamW", 0.03162,
          lambda lr, seed: optax.adamw(lr, weight_decay=1e-2)),

@@ -72,3 +72,10 @@ def test_hessian_spectrum_smoke(tmp_path):
     assert len(r["track_top"]) == len(r["track_steps"]) >= 2
     assert all(t > 0 for t in r["track_top"])
     assert 0.0 <= r["test_acc"] <= 1.0
+
+
+def test_equinox_cnn_smoke(tmp_path):
+  pytest.importorskip("equinox")
+  stdout = _run("equinox_cnn.py", tmp_path)
+  assert "| AdaHessian |" in stdout and "| AdamW |" in stdout
+  assert (tmp_path / "equinox_cnn_loss.png").stat().st_size > 10_000

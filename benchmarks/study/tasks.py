@@ -55,11 +55,12 @@ class Functional:
     """AdaHessian's spatial averaging with blocks of `block` entries.
 
     ``None`` is the task's default; 1 (or a task without block rules) is
-    the library's default, which averages convolution kernels only.
+    no averaging: these tasks' params are plain pytrees of dense kernels and
+    biases (0.2's default, ``conv_window_mean``, left them as they are too).
     """
     block = self.default_block if block is None else block
     if block in (None, 1):
-      return aho.conv_window_mean()
+      return None
     return self.block_rules(block)
 
   def block_rules(self, block: int):
@@ -301,7 +302,7 @@ class CNN:
 
   def spatial(self, block: Optional[int]):
     del block
-    return aho.conv_window_mean()
+    return digits.cnn_rules()
 
   def spec(self, opt) -> digits.Spec:
     return _cnn_spec(self, opt)
