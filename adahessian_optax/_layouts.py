@@ -133,22 +133,38 @@ def _leaves(tree: Any) -> dict:
           if hasattr(x, "shape")}
 
 
-def _nnx_rules(model: Any, block_size: Optional[int]) -> tuple[dict, dict]:
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  shapes = _leaves(nnx.as_pure(nnx.state(model)))
+def _output_axes(node: Any) -> int:
+  """How many output axes a Flax DenseGeneral/LinearGeneral kernel has."""
+  features = getattr(node, "out_features", None)
+  if features is None:
+    features = node.features
+  return len(features) if isinstance(features, (tuple, list)) else 1
+
+
+def _flax_rules(modules: Any, shapes: dict, block_size: Optional[int],
+                conv: tuple, dense: tuple, general: tuple) -> dict:
+  """Rules of Flax kernels, from `(path, module)` pairs of NNX or Linen."""
   rules = dict.fromkeys(shapes)
-  for path, node in nnx.iter_graph(model):
+  for path, node in modules:
     kernel = tuple(path) + ("kernel",)
     if kernel not in shapes:
       continue
-    shape = shapes[kernel]
-    if isinstance(node, (nnx.Conv, nnx.ConvTranspose)):
+    if isinstance(node, conv):
       rules[kernel] = _window_mean_flax(_spatial_dims(node.kernel_size))
-    elif isinstance(node, nnx.Linear):
-      rules[kernel] = _input_blocks(block_size, shape, -2)
-    elif isinstance(node, nnx.LinearGeneral):
-      rules[kernel] = _input_blocks(block_size, shape,
-                                    -len(node.out_features) - 1)
+    elif isinstance(node, dense):
+      rules[kernel] = _input_blocks(block_size, shapes[kernel], -2)
+    elif isinstance(node, general):
+      rules[kernel] = _input_blocks(block_size, shapes[kernel],
+                                    -_output_axes(node) - 1)
+  return rules
+
+
+def _nnx_rules(model: Any, block_size: Optional[int]) -> tuple[dict, dict]:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  shapes = _leaves(nnx.as_pure(nnx.state(model)))
+  rules = _flax_rules(nnx.iter_graph(model), shapes, block_size,
+                      (nnx.Conv, nnx.ConvTranspose), (nnx.Linear,),
+                      (nnx.LinearGeneral,))
   return rules, shapes
 
 
@@ -172,20 +188,9 @@ def _linen_rules(module: Any, args: tuple, kwargs: dict,
         f"spatial_rules: {type(module).__name__}.init created no 'params' "
         "collection with these inputs")
   shapes = _leaves(variables["params"])
-  rules = dict.fromkeys(shapes)
-  for path, node in modules.items():
-    kernel = path + ("kernel",)
-    if kernel not in shapes:
-      continue
-    shape = shapes[kernel]
-    if isinstance(node, (nn.Conv, nn.ConvTranspose)):
-      rules[kernel] = _window_mean_flax(_spatial_dims(node.kernel_size))
-    elif isinstance(node, nn.Dense):
-      rules[kernel] = _input_blocks(block_size, shape, -2)
-    elif isinstance(node, nn.DenseGeneral):
-      features = node.features
-      n_out = len(features) if isinstance(features, (tuple, list)) else 1
-      rules[kernel] = _input_blocks(block_size, shape, -n_out - 1)
+  rules = _flax_rules(modules.items(), shapes, block_size,
+                      (nn.Conv, nn.ConvTranspose), (nn.Dense,),
+                      (nn.DenseGeneral,))
   return rules, shapes
 
 
