@@ -11,7 +11,7 @@ larger rate, time per step) and plots the loss curves with bands over seeds.
     python examples/digits.py                # the comparison, ~80 s on 2 cores
     python examples/digits.py --smoke        # a few seconds, for tests
 
-The learning rates below were tuned by ``benchmarks/study.py`` on a
+The learning rates below were tuned by ``python -m benchmarks.study.run`` on a
 validation split of the training set, never on the test set (see
 ``docs/study.md``).
 """
@@ -99,7 +99,7 @@ class Spec:
   refresh_every: int = 1
 
 
-# The learning rates are the study's (benchmarks/study.py --part cnn): the
+# The learning rates are the study's (python -m benchmarks.study.run --part cnn): the
 # best of a half-decade grid by validation loss (mean log of the last two
 # epochs' loss over 2 seeds) on a split of the training set; docs/study.md
 # has every grid point's score.
