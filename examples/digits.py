@@ -99,10 +99,10 @@ class Spec:
   refresh_every: int = 1
 
 
-# The learning rates are the study's (python -m benchmarks.study.run --part cnn): the
-# best of a half-decade grid by validation loss (mean log of the last two
-# epochs' loss over 2 seeds) on a split of the training set; docs/study.md
-# has every grid point's score.
+# The learning rates are the study's (python -m benchmarks.study.run --part
+# cnn): the best of a half-decade grid by validation loss (mean log of the
+# last two epochs' loss over 2 seeds) on a split of the training set;
+# docs/study.md has every grid point's score.
 SPECS = (
     Spec("AdaHessian", 0.3162,
          lambda lr, seed: aho.adahessian(lr, weight_decay=5e-4, key=seed,
