@@ -17,6 +17,10 @@ from adahessian_optax._compose import masked_value_fn
 from adahessian_optax._compose import unmask_params
 from adahessian_optax._curvature import sub_batch_value_fn
 from adahessian_optax._curvature import SubBatchValueFn
+from adahessian_optax._ggn import ggn
+from adahessian_optax._ggn import GGN
+from adahessian_optax._ggn import SoftmaxCrossEntropy
+from adahessian_optax._ggn import SquaredError
 from adahessian_optax._hutchinson import HessianEstimate
 from adahessian_optax._hutchinson import hutchinson_diagonal
 from adahessian_optax._hutchinson import hutchinson_estimator
@@ -56,6 +60,8 @@ __all__ = (
     "conv_window_mean",
     "ConvWindowMean",
     "DatasetLoss",
+    "ggn",
+    "GGN",
     "hessian_eigenvalues",
     "hessian_spectrum",
     "hessian_trace",
@@ -72,9 +78,11 @@ __all__ = (
     "PerformanceWarning",
     "scale_by_adahessian",
     "ScaleByAdaHessianState",
+    "SoftmaxCrossEntropy",
     "spatial_rules",
     "SpatialRule",
     "SpectralDensity",
+    "SquaredError",
     "sub_batch_value_fn",
     "SubBatchValueFn",
     "unmask_params",
