@@ -7,11 +7,14 @@ from adahessian_optax._adahessian import PerformanceWarning
 from adahessian_optax._adahessian import scale_by_adahessian
 from adahessian_optax._adahessian import ScaleByAdaHessianState
 from adahessian_optax._analysis import DatasetLoss
+from adahessian_optax._analysis import Eigenpairs
 from adahessian_optax._analysis import hessian_eigenvalues
 from adahessian_optax._analysis import hessian_spectrum
 from adahessian_optax._analysis import hessian_trace
 from adahessian_optax._analysis import HessianTrace
 from adahessian_optax._analysis import LanczosInfo
+from adahessian_optax._analysis import layer_summary
+from adahessian_optax._analysis import LayerSummary
 from adahessian_optax._analysis import SpectralDensity
 from adahessian_optax._compose import masked_value_fn
 from adahessian_optax._compose import unmask_params
@@ -28,6 +31,9 @@ from adahessian_optax._hutchinson import HutchinsonResult
 from adahessian_optax._hutchinson import HutchinsonState
 from adahessian_optax._hutchinson import value_grad_and_hessian
 from adahessian_optax._layouts import spatial_rules
+from adahessian_optax._sharpness import adahessian_preconditioner
+from adahessian_optax._sharpness import adam_preconditioner
+from adahessian_optax._sharpness import stability_threshold
 from adahessian_optax._spatial import block_mean
 from adahessian_optax._spatial import BlockMean
 from adahessian_optax._spatial import conv_window_mean
@@ -55,11 +61,14 @@ def __getattr__(name):
 
 __all__ = (
     "adahessian",
+    "adahessian_preconditioner",
+    "adam_preconditioner",
     "block_mean",
     "BlockMean",
     "conv_window_mean",
     "ConvWindowMean",
     "DatasetLoss",
+    "Eigenpairs",
     "ggn",
     "GGN",
     "hessian_eigenvalues",
@@ -72,6 +81,8 @@ __all__ = (
     "HutchinsonResult",
     "HutchinsonState",
     "LanczosInfo",
+    "layer_summary",
+    "LayerSummary",
     "masked_value_fn",
     "mean_over_axes",
     "MeanOverAxes",
@@ -83,6 +94,7 @@ __all__ = (
     "SpatialRule",
     "SpectralDensity",
     "SquaredError",
+    "stability_threshold",
     "sub_batch_value_fn",
     "SubBatchValueFn",
     "unmask_params",

@@ -19,9 +19,11 @@ leaf keeps its sharding, and its dtype in the products; sums over leaves are
 accumulated in at least float32.
 """
 
+import collections
+import dataclasses
 import functools
 import math
-import weakref
+import warnings
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import jax
@@ -31,12 +33,14 @@ import numpy as np
 
 from adahessian_optax import _checks
 from adahessian_optax import _curvature
+from adahessian_optax import _ggn
 from adahessian_optax import _lanczos
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 
 _METHODS = ("hutchinson", "hutch++")
 _WHICH = ("largest", "smallest")
+_UNSET = object()
 
 
 # ---------------------------------------------------------------------------
@@ -56,16 +60,40 @@ def _in_dtypes_of(vector: list, leaves: list) -> list:
   return [v.astype(x.dtype) for v, x in zip(vector, leaves)]
 
 
-def _hvp(value_fn: Callable[[Any], Any], params: Any, tangent: list) -> list:
-  """`H tangent` in at least float32, the product taken in the leaves' dtypes."""
-  leaves = _tree.FloatLeaves.of(params).select(params)
-  return _tree.widen(_curvature.value_grad_hvp(
-      value_fn, params, _in_dtypes_of(tangent, leaves))[2])
+def _restricted(value_fn: Any, params: Any, split: _tree.FloatLeaves) -> Any:
+  """`value_fn` as a function of the leaves `split` selects (a list), the
+  other leaves of `params` held fixed; GGNs and sub-batch losses keep their
+  kind (`*batch` is passed on to a GGN's halves)."""
+  if isinstance(value_fn, _ggn.GGN):
+    return _ggn.GGN(
+        lambda ls, *batch: value_fn.output_fn(split.replace(params, ls),
+                                              *batch),
+        value_fn.output_loss)
+  if isinstance(value_fn, _curvature.SubBatchValueFn):
+    return dataclasses.replace(
+        value_fn,
+        loss_fn=lambda ls, b: value_fn.loss_fn(split.replace(params, ls), b))
+  return lambda ls, *batch: value_fn(split.replace(params, ls), *batch)
 
 
-def _accumulate_hvp(loss_fn, params, batch, tangent, total, weight):
-  """`total + weight * H_batch tangent`."""
-  hv = _hvp(lambda p: loss_fn(p, batch), params, tangent)
+def _linearize(value_fn: Any, leaves: list, *batch: Any,
+               axis_name: Optional[str] = None):
+  """`(value, grad, product)` of a restricted loss: Hessian or GGN."""
+  if isinstance(value_fn, _ggn.GGN):
+    return _ggn.linearize(value_fn, leaves, *batch, axis_name=axis_name)
+  if batch:
+    plain = value_fn
+    value_fn = lambda ls: plain(ls, *batch)
+  return _curvature.linearize(value_fn, leaves, axis_name=axis_name)
+
+
+def _accumulate_product(loss_fn, split, params, batch, tangent, total,
+                        weight):
+  """`total + weight * (curvature of the batch's loss) tangent`."""
+  leaves = split.select(params)
+  restricted = _restricted(loss_fn, params, split)
+  product = _linearize(restricted, leaves, batch)[2]
+  hv = _tree.widen(product(_in_dtypes_of(tangent, leaves)))
   return [a + h * jnp.asarray(weight).astype(a.dtype)
           for a, h in zip(total, hv)]
 
@@ -75,7 +103,7 @@ def _batch_value(loss_fn, params, batch):
 
 
 # Keyed by the loss function: every DatasetLoss of one loss_fn shares them.
-_batch_hvp_step = jax.jit(_accumulate_hvp, static_argnums=0)
+_batch_product_step = jax.jit(_accumulate_product, static_argnums=(0, 1))
 _batch_value_step = jax.jit(_batch_value, static_argnums=0)
 
 
@@ -119,7 +147,7 @@ class DatasetLoss:
     >>> x = jnp.arange(10.0)
     >>> loss_fn = lambda w, xb: jnp.mean(0.5 * (w * xb) ** 2)  # H = mean(x^2)
     >>> data = aho.DatasetLoss(loss_fn, [x[:4], x[4:8], x[8:]])
-    >>> values, _ = aho.hessian_eigenvalues(data, jnp.ones(()), key=0)
+    >>> values, _, _ = aho.hessian_eigenvalues(data, jnp.ones(()), key=0)
     >>> print(values, jnp.mean(x ** 2))
     [28.5] 28.5
   """
@@ -168,11 +196,13 @@ class DatasetLoss:
         0.0)
     return total / count
 
-  def _dataset_hvp(self, params: Any, tangent: list) -> list:
-    """`H tangent` for the float leaves of `params` (lists, at least f32)."""
+  def _dataset_product(self, split: _tree.FloatLeaves, params: Any,
+                       tangent: list) -> list:
+    """The curvature times `tangent` on the leaves `split` selects (lists,
+    at least float32): the Hessian's, or the GGN's for a :func:`ggn`."""
     total, count = self._mean(
-        lambda t, b, n: _batch_hvp_step(self.loss_fn, params, b, tangent, t,
-                                        n),
+        lambda t, b, n: _batch_product_step(self.loss_fn, split, params, b,
+                                            tangent, t, n),
         [jnp.zeros_like(t) for t in tangent])
     return _lanczos.scale(total, 1.0 / count)
 
@@ -182,11 +212,18 @@ class DatasetLoss:
 
 
 class _Operator(NamedTuple):
-  """`matvec` on lists like `leaves` (at least f32), and how to loop."""
+  """`matvec` on lists like `leaves` (at least f32), and how to loop.
+
+  `split` picks the leaves of the params the operator acts on (those `wrt`
+  selects); `mask` holds, per leaf, the 0/1 entries `wrt` keeps (None for
+  all), and `dim` their number.
+  """
 
   matvec: Callable[[list], list]
   leaves: list
   split: _tree.FloatLeaves
+  mask: list
+  dim: int
   loops: _lanczos.Loops
 
 
@@ -194,81 +231,191 @@ def _is_concrete(x: Any) -> bool:
   return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
-def _float_leaves(params: Any, owner: str) -> tuple[_tree.FloatLeaves, list]:
+def _selection(params: Any, wrt: Any, owner: str):
+  """`(split, masks, dim)`: the float leaves `wrt` selects and their masks.
+
+  `wrt` is None (everything), a pytree prefix of params whose leaves are
+  bools or boolean arrays broadcastable to the leaves below them, or a
+  function of params returning one (as optax's masks).
+  """
   _checks.check_params(owner, params)
-  split = _tree.FloatLeaves.of(params)
-  if not split.index:
+  everything = _tree.FloatLeaves.of(params)
+  if not everything.index:
     raise ValueError(
         f"{owner}: params has no floating-point leaf, so there is no Hessian "
         "to analyse (integer, boolean and None leaves get no tangent)")
-  # NumPy leaves are concrete too: placed as JAX arrays, like jit would.
-  leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x
-            for x in split.select(params)]
-  return split, leaves
+  if wrt is None:
+    leaves = everything.select(params)
+    return everything, [None] * len(leaves), _lanczos.dimension(leaves)
+  if callable(wrt):
+    wrt = wrt(params)
+  try:
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), wrt,
+                        params)
+    flags = everything.treedef.flatten_up_to(full)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{owner}: wrt must be a pytree prefix of params (or a function of "
+        f"params returning one) with bool leaves: {e}") from None
+  index, masks, dim = [], [], 0
+  leaves = jax.tree.leaves(params)
+  for i in everything.index:
+    flag, leaf = flags[i], leaves[i]
+    if isinstance(flag, jax.core.Tracer):
+      raise TypeError(
+          f"{owner}: wrt must be concrete (it fixes the operator's "
+          "dimension); it was traced. Build it from shapes, not values")
+    mask = np.asarray(flag)
+    if mask.dtype != bool:
+      raise TypeError(
+          f"{owner}: wrt's leaves must be bools or boolean arrays, got "
+          f"{mask.dtype}")
+    try:
+      mask = np.broadcast_to(mask, np.shape(leaf))
+    except ValueError:
+      raise ValueError(
+          f"{owner}: a wrt mask of shape {mask.shape} does not broadcast to "
+          f"its leaf's shape {np.shape(leaf)}") from None
+    count = int(mask.sum())
+    if count == 0:
+      continue
+    index.append(i)
+    masks.append(None if count == mask.size else mask)
+    dim += count
+  if not index:
+    raise ValueError(f"{owner}: wrt selects no floating-point entry")
+  return _tree.FloatLeaves(everything.treedef, tuple(index)), masks, dim
 
 
-def _dimension(params: Any, owner: str) -> int:
-  return _lanczos.dimension(_float_leaves(params, owner)[1])
+def _dimension(params: Any, owner: str, wrt: Any = None) -> int:
+  return _selection(params, wrt, owner)[2]
 
 
-def _jaxpr_linearized(jaxpr: Any, consts: list, leaves: list) -> Any:
-  """The product of the loss of float leaves traced into `jaxpr` (captured
-  arrays `consts`), linearized: a Partial holding the residuals."""
-  loss = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(jaxpr,
-                                                                  consts))
-  return _curvature.linearize(lambda ls: loss(*ls)[0], leaves)[2]
+def _jaxpr_fun(jaxpr: Any, consts: list) -> Callable[..., Any]:
+  return lambda *args: jax.extend.core.jaxpr_as_fun(
+      jax.extend.core.ClosedJaxpr(jaxpr, consts))(*args)[0]
 
 
-def _product_of(hvp: Any, leaves: list, v: list) -> list:
-  """`hvp(v)` taken in the leaves' dtypes, returned in at least float32."""
-  return _tree.widen(hvp(_in_dtypes_of(v, leaves)))
+def _jaxpr_linearized(jaxprs: tuple, consts: tuple, leaves: list) -> Any:
+  """The product of a loss traced into `jaxprs` (their captured arrays
+  `consts`), linearized: a Partial holding the residuals. One jaxpr is a
+  loss of the leaves (its Hessian); two are a GGN's halves."""
+  funs = [_jaxpr_fun(j, c) for j, c in zip(jaxprs, consts)]
+  if len(funs) == 2:
+    return _ggn.linearize(_ggn.GGN(lambda ls: funs[0](*ls), funs[1]),
+                          leaves)[2]
+  return _curvature.linearize(lambda ls: funs[0](*ls), leaves)[2]
+
+
+def _product_of(product: Any, leaves: list, v: list) -> list:
+  """`product(v)` taken in the leaves' dtypes, returned in at least float32."""
+  return _tree.widen(product(_in_dtypes_of(v, leaves)))
 
 
 _tangent_pass = jax.jit(_product_of)
 
 
-# value_fn -> {(leaf avals and shardings, jaxpr text): jitted linearization},
-# the newest _HOST_PROGRAMS per closure.
-_HOST_PRODUCTS = weakref.WeakKeyDictionary()
-_HOST_PROGRAMS = 8
+# (leaf avals and shardings, jaxpr texts) -> jitted linearization, the
+# newest _HOST_PROGRAMS: a closure made afresh for each call (a new lambda)
+# finds the program of an earlier one that traced the same.
+_HOST_PRODUCTS = collections.OrderedDict()
+_HOST_PROGRAMS = 16
 
 
-def _host_closure(value_fn: Callable[[Any], Any], params: Any,
-                  split: _tree.FloatLeaves, leaves: list) -> Any:
+def _traced_halves(value_fn: Any, leaves: list) -> Any:
+  """The loss of `leaves` (or a GGN's two halves) as closed jaxprs."""
+  if isinstance(value_fn, _ggn.GGN):
+    outputs = jax.make_jaxpr(value_fn.output_fn)(leaves)
+    if len(outputs.out_avals) != 1:
+      raise TypeError(
+          "ggn: output_fn must return one array of outputs, got "
+          f"{len(outputs.out_avals)}")
+    aval = outputs.out_avals[0]
+    loss = jax.make_jaxpr(value_fn.output_loss)(
+        jax.ShapeDtypeStruct(aval.shape, aval.dtype))
+    return outputs, loss
+  return (jax.make_jaxpr(
+      lambda ls: _curvature.scalar_loss(value_fn, ls))(leaves),)
+
+
+def _host_closure(value_fn: Any, leaves: list) -> Any:
   """A jitted product for a closure called outside any transformation.
 
-  One jitted primal pass (`jax.linearize` of the gradient) keeps its
-  residuals, then each product is a jitted tangent pass: Python loops
-  around it run each as its own program, which on XLA:CPU is faster for
-  convolutions (about 3x for a small CNN) than inside a ``lax`` loop. The
-  closure is traced afresh on every call, as a function of the float leaves
-  (the other leaves, and whatever it reads from Python, enter as they are
-  now); the arrays it captures are passed to the program, not embedded in
-  it, and the compiled program is reused when the trace is the same as an
-  earlier call's. None when the closure captures a tracer.
+  One jitted primal pass (a linearization: of the gradient, or of a GGN's
+  forward) keeps its residuals, then each product is a jitted tangent pass:
+  Python loops around it run each as its own program, which on XLA:CPU is
+  faster for convolutions (about 3x for a small CNN) than inside a ``lax``
+  loop. The closure is traced afresh on every call (what it reads from
+  Python enters as it is now); the arrays it captures are passed to the
+  program, not embedded in it, and the compiled program is reused when the
+  trace is the same as an earlier call's. None when the closure captures a
+  tracer.
   """
-  closed = jax.make_jaxpr(lambda ls: _curvature.scalar_loss(
-      value_fn, split.replace(params, ls)))(leaves)
-  if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+  closed = _traced_halves(value_fn, leaves)
+  consts = tuple(c.consts for c in closed)
+  if any(isinstance(c, jax.core.Tracer) for cs in consts for c in cs):
     return None
   signature = (tuple((x.shape, x.dtype, x.sharding) for x in leaves),
-               str(closed.jaxpr))
+               tuple(str(c.jaxpr) for c in closed))
+  step = _HOST_PRODUCTS.pop(signature, None) or jax.jit(
+      functools.partial(_jaxpr_linearized, tuple(c.jaxpr for c in closed)))
+  _HOST_PRODUCTS[signature] = step  # newest last
+  while len(_HOST_PRODUCTS) > _HOST_PROGRAMS:
+    _HOST_PRODUCTS.popitem(last=False)
+  product = step(consts, leaves)
+  return lambda v: _tangent_pass(product, leaves, v)
+
+
+@jax.jit
+def _times(scale: list, v: list) -> list:
+  return [x if s is None else x * s.astype(x.dtype) for s, x in zip(scale, v)]
+
+
+def _scaled(matvec: Callable[[list], list], scale: list) -> Callable:
+  """`v -> S matvec(S v)` for the diagonal `S` (None: the identity)."""
+  if all(s is None for s in scale):
+    return matvec
+  return lambda v: _times(scale, matvec(_times(scale, v)))
+
+
+def _inverse_sqrt(preconditioner: Any, params: Any, split: _tree.FloatLeaves,
+                  owner: str) -> list:
+  """`P^-1/2` at the selected leaves, in at least float32."""
   try:
-    cache = _HOST_PRODUCTS.setdefault(value_fn, {})
-  except TypeError:  # not weakly referenceable
-    cache = {}
-  step = cache.pop(signature, None) or jax.jit(
-      functools.partial(_jaxpr_linearized, closed.jaxpr))
-  cache[signature] = step  # newest last
-  while len(cache) > _HOST_PROGRAMS:
-    del cache[next(iter(cache))]
-  hvp = step(closed.consts, leaves)
-  return lambda v: _tangent_pass(hvp, leaves, v)
+    values = split.select(preconditioner)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{owner}: preconditioner must be a pytree like params (a positive "
+        f"diagonal P per leaf): {e}") from None
+  out = []
+  for p, x in zip(values, split.select(params)):
+    p = jnp.asarray(p)
+    if jnp.shape(p) != jnp.shape(x):
+      raise ValueError(
+          f"{owner}: a preconditioner leaf of shape {jnp.shape(p)} does not "
+          f"match its parameter's shape {jnp.shape(x)}")
+    p = p.astype(_tree.at_least_float32(p.dtype))
+    if _is_concrete(p) and not bool(jnp.all(p > 0)):
+      raise ValueError(
+          f"{owner}: the preconditioner must be positive (P^-1/2 is taken); "
+          "add the optimizer's eps")
+    out.append(jax.lax.rsqrt(p))
+  return out
 
 
 def _operator(value_fn: Any, params: Any, key: jax.Array,
-              axis_name: Optional[str], owner: str) -> _Operator:
-  split, leaves = _float_leaves(params, owner)
+              axis_name: Optional[str], owner: str, wrt: Any = None,
+              preconditioner: Any = None) -> _Operator:
+  split, mask, dim = _selection(params, wrt, owner)
+  # NumPy leaves are concrete too: placed as JAX arrays, like jit would.
+  leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x
+            for x in split.select(params)]
+  mask = [None if m is None else jnp.asarray(m, _tree.at_least_float32(
+      x.dtype)) for m, x in zip(mask, leaves)]
+  scale = mask
+  if preconditioner is not None:
+    scale = [r if s is None else r * s for s, r in zip(
+        scale, _inverse_sqrt(preconditioner, params, split, owner))]
   concrete = _is_concrete(key) and all(_is_concrete(x) for x in leaves)
   if isinstance(value_fn, DatasetLoss):
     if axis_name is not None:
@@ -280,21 +427,25 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
           f"{owner}: a DatasetLoss loops over its batches in Python, so it "
           "cannot run under jax.jit or another transformation; call it on "
           "concrete params (each batch's product is jitted already)")
-    matvec = functools.partial(value_fn._dataset_hvp, params)
-    return _Operator(matvec, leaves, split, _lanczos.HOST)
+    matvec = functools.partial(value_fn._dataset_product, split, params)
+    return _Operator(_scaled(matvec, scale), leaves, split, mask, dim,
+                     _lanczos.HOST)
   value_fn = _checks.check_value_fn(value_fn, None, owner)
+  restricted = _restricted(value_fn, params, split)
   # A SubBatchValueFn's products are its head's: the curvature core's.
   if (concrete and axis_name is None
       and not isinstance(value_fn, _curvature.SubBatchValueFn)):
-    matvec = _host_closure(value_fn, params, split, leaves)
+    matvec = _host_closure(restricted, leaves)
     if matvec is not None:
-      return _Operator(matvec, leaves, split, _lanczos.HOST)
-  _, _, hvp = _curvature.linearize(value_fn, params, axis_name=axis_name)
+      return _Operator(_scaled(matvec, scale), leaves, split, mask, dim,
+                       _lanczos.HOST)
+  product = _linearize(restricted, leaves, axis_name=axis_name)[2]
 
   def matvec(v):
-    return _curvature.axis_mean(_product_of(hvp, leaves, v), axis_name)
+    return _curvature.axis_mean(_product_of(product, leaves, v), axis_name)
 
-  return _Operator(matvec, leaves, split, _lanczos.TRACED)
+  return _Operator(_scaled(matvec, scale), leaves, split, mask, dim,
+                   _lanczos.TRACED)
 
 
 def _negated(op: _Operator) -> _Operator:
@@ -317,17 +468,36 @@ def _draw(op: _Operator, key: jax.Array, distribution: str = "rademacher"):
   its parameter (traced, XLA propagates the params' shardings).
   """
   key, z = _next_probe(key, op.leaves, distribution)
+  z = _masked(op, z)
   z = [jax.device_put(v, x.sharding) if _is_concrete(v) and _is_concrete(x)
        else v for v, x in zip(z, op.leaves)]
   return key, z
+
+
+def _masked(op: _Operator, v: list) -> list:
+  """`v` with the entries `wrt` leaves out set to zero."""
+  return v if all(m is None for m in op.mask) else _times(op.mask, v)
 
 
 def _check_steps(name: str, value: Any, low: int, dim: int, hint: str):
   _checks.check_positive_int(name, value, allow_traced=False)
   if not low <= value <= dim:
     raise ValueError(
-        f"{name} must lie in [{low}, {dim}] ({hint}; the params have {dim} "
-        f"floating-point entries), got {value}")
+        f"{name} must lie in [{low}, {dim}] ({hint}; the operator acts on "
+        f"{dim} floating-point entries), got {value}")
+
+
+def _renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any,
+             default: Any) -> Any:
+  """`new_value`, or `old_value` given under the 0.3 name (with a warning)."""
+  if old_value is _UNSET:
+    return new_value
+  if new_value != default:
+    raise TypeError(f"{owner}: got both {old}= and {new}=; pass {new}= only")
+  warnings.warn(
+      f"{owner}: {old}= is deprecated, use {new}= (the same meaning; the 0.3 "
+      "name goes in 0.5)", DeprecationWarning, stacklevel=3)
+  return old_value
 
 
 def _check_finite(op: _Operator, owner: str, result: jax.Array) -> None:
@@ -455,6 +625,8 @@ def hessian_trace(
     n_samples: int = 100,
     method: str = "hutchinson",
     distribution: str = "rademacher",
+    wrt: Any = None,
+    preconditioner: Any = None,
     axis_name: Optional[str] = None,
 ) -> HessianTrace:
   r"""Estimates the trace of the Hessian, in all and per leaf.
@@ -497,6 +669,15 @@ def hessian_trace(
       float32); Hutchinson holds none.
     distribution: ``"rademacher"`` (the smallest variance) or
       ``"gaussian"``.
+    wrt: which parameters the operator acts on: None (all), a pytree prefix
+      of params with bool leaves, or boolean arrays broadcastable to the
+      leaves below them (to pick one layer of a stacked leaf), or a
+      function of params returning one, as optax's masks. The operator is
+      then the diagonal block of the selected entries.
+    preconditioner: a positive diagonal :math:`P`, a pytree like params
+      (e.g. from :func:`adam_preconditioner`): analyse
+      :math:`P^{-1/2} H P^{-1/2}`, which has the eigenvalues of
+      :math:`P^{-1} H`, instead of :math:`H`.
     axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over
       which the Hessian-vector products are averaged (the replicas share
       the key).
@@ -533,7 +714,7 @@ def hessian_trace(
         f"hutch++ needs n_samples >= 3 (a third each for the sketch, its "
         f"trace and the residual), got {n_samples}")
   key = _probes.key_data(key, owner)
-  op = _operator(value_fn, params, key, axis_name, owner)
+  op = _operator(value_fn, params, key, axis_name, owner, wrt, preconditioner)
   if method == "hutchinson":
     samples = _hutchinson(op, key, n_samples, distribution)
     exact = jnp.zeros(samples.shape[1], samples.dtype)
@@ -560,21 +741,65 @@ class LanczosInfo(NamedTuple):
   Attributes:
     residuals: :math:`\|H y_j - \theta_j y_j\|` for each returned pair,
       shape ``(k,)``; a true eigenvalue lies within it of :math:`\theta_j`.
-    num_steps: the Lanczos steps taken, each one Hessian-vector product.
+    n_steps: the Lanczos steps taken, each one Hessian-vector product.
     converged: whether every residual is at most ``tol`` times the largest
       :math:`|\theta|` of the run (an estimate of :math:`\|H\|_2`); false
-      when ``max_steps`` ran out first.
+      when ``n_steps`` ran out first.
   """
 
   residuals: jax.Array
-  num_steps: jax.Array
+  n_steps: jax.Array
   converged: jax.Array
+
+
+class Eigenpairs(NamedTuple):
+  """Eigenvalues and eigenvectors from :func:`hessian_eigenvalues`.
+
+  Attributes:
+    values: the eigenvalues, shape ``(k,)`` in at least float32, descending
+      (``which="largest"``) or ascending (``"smallest"``).
+    vectors: the unit eigenvectors, a pytree like params whose leaves have a
+      leading axis of size ``k``, each in its leaf's dtype (zeros at
+      non-float leaves and where ``wrt`` leaves out); pass them back as
+      ``init=`` to warm-start the next call.
+    info: a :class:`LanczosInfo`: residuals, steps taken, convergence.
+  """
+
+  values: jax.Array
+  vectors: Any
+  info: LanczosInfo
 
 
 def _stacked_like(op: _Operator, params: Any, vectors: list, k: int) -> Any:
   zeros = jax.tree.map(
       lambda x: jnp.zeros((k,) + jnp.shape(x), jnp.result_type(x)), params)
   return op.split.replace(zeros, _in_dtypes_of(vectors, op.leaves))
+
+
+@jax.jit
+def _start_near(warm: list, probe: list) -> list:
+  """`warm / |warm| + probe / (100 |probe|)`."""
+  return [w / _lanczos.norm(warm) + z / (100 * _lanczos.norm(probe))
+          for w, z in zip(_tree.widen(warm), probe)]
+
+
+def _warm_start(op: _Operator, init: Any, owner: str) -> list:
+  """The start vector from earlier eigenvectors: their sum, masked."""
+  try:
+    stacked = op.split.select(init)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{owner}: init must be the vectors of an earlier call (a pytree like "
+        f"params, a leading axis per vector): {e}") from None
+  v0 = []
+  for v, x in zip(stacked, op.leaves):
+    v = jnp.asarray(v)
+    if v.shape[1:] != x.shape:
+      raise ValueError(
+          f"{owner}: an init leaf of shape {v.shape} does not match its "
+          f"parameter's shape {x.shape} with a leading vector axis")
+    v0.append(jnp.sum(_tree.widen([v])[0], axis=0))
+  return _masked(op, v0)
 
 
 def hessian_eigenvalues(
@@ -585,10 +810,14 @@ def hessian_eigenvalues(
     k: int = 1,
     which: str = "largest",
     tol: float = 1e-4,
-    max_steps: Optional[int] = None,
-    return_info: bool = False,
+    n_steps: Optional[int] = None,
+    init: Any = None,
+    wrt: Any = None,
+    preconditioner: Any = None,
     axis_name: Optional[str] = None,
-):
+    max_steps: Any = _UNSET,
+    return_info: Any = _UNSET,
+) -> Eigenpairs:
   r"""The `k` largest (or most negative) eigenvalues of the Hessian.
 
   Lanczos with full reorthogonalisation from a normalised Rademacher vector
@@ -603,7 +832,7 @@ def hessian_eigenvalues(
 
   read off without another product. Steps continue until the `k` wanted
   pairs have residuals at most ``tol`` times the largest :math:`|\theta|`
-  (an estimate of :math:`\|H\|_2`), or ``max_steps``; each eigenvalue is
+  (an estimate of :math:`\|H\|_2`), or ``n_steps``; each eigenvalue is
   then within its residual of a true one (and usually within
   residual\ :sup:`2`/gap). Unlike power iteration (PyHessian), which finds
   the largest :math:`|\lambda|`, this gives the largest algebraic
@@ -611,8 +840,19 @@ def hessian_eigenvalues(
   (Lanczos on :math:`-H`). A single-vector Krylov method sees one copy of
   an exactly repeated eigenvalue until the Krylov space is exhausted.
 
-  The Lanczos basis holds ``max_steps + 1`` vectors the size of the float
-  params (in at least float32): lower ``max_steps`` for large models.
+  The Lanczos basis holds ``n_steps + 1`` vectors the size of the float
+  params (in at least float32): lower ``n_steps`` for large models.
+
+  **During training**, pass the previous call's ``vectors`` as ``init``:
+  Lanczos then starts from their sum (plus a hundredth of a random probe,
+  so that a new top direction orthogonal to them is still found) and,
+  while the top eigenvectors move little between calls, converges in a few
+  products. Under ``jax.jit`` the run is a ``lax.while_loop``, so it can sit
+  inside a training step (on XLA:CPU convolutions run slowly in loops: see
+  the analysis guide). With ``preconditioner`` :math:`P` it gives the
+  preconditioned sharpness :math:`\lambda_{\max}(P^{-1/2} H P^{-1/2})`
+  that governs the stability of adaptive methods (:func:`adam_preconditioner`,
+  :func:`adahessian_preconditioner`).
 
   Args:
     value_fn: the loss, ``params -> scalar``, or a :class:`DatasetLoss`.
@@ -621,32 +861,39 @@ def hessian_eigenvalues(
     k: how many eigenvalues, 1 to the number of float entries.
     which: ``"largest"`` or ``"smallest"``.
     tol: the residual tolerance, relative to :math:`\|H\|_2`.
-    max_steps: the most Lanczos steps (default
-      ``min(dimension, max(100, 3 k))``), from ``k`` to the number of float
-      entries of params.
-    return_info: also return a :class:`LanczosInfo`. A jitted function
-      cannot raise on a value: check ``info.converged`` to know that the
-      tolerance was met.
+    n_steps: the most Lanczos steps, each one product (default
+      ``min(dimension, max(100, 3 k))``), from ``k`` to the dimension.
+    init: the ``vectors`` of an earlier call (a warm start), or None for a
+      Rademacher start.
+    wrt: which parameters the operator acts on: None (all), a pytree prefix
+      of params with bool leaves, or boolean arrays broadcastable to the
+      leaves below them (to pick one layer of a stacked leaf), or a
+      function of params returning one, as optax's masks. The operator is
+      then the diagonal block of the selected entries.
+    preconditioner: a positive diagonal :math:`P`, a pytree like params
+      (e.g. from :func:`adam_preconditioner`): analyse
+      :math:`P^{-1/2} H P^{-1/2}`, which has the eigenvalues of
+      :math:`P^{-1} H`, instead of :math:`H`.
     axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over
       which the products are averaged (the replicas share the key).
+    max_steps: deprecated name of ``n_steps`` (0.3).
+    return_info: deprecated and ignored: the info is always returned (0.3
+      returned it only when asked, changing the number of values).
 
   Returns:
-    ``(eigenvalues, eigenvectors)``, or with ``return_info``
-    ``(eigenvalues, eigenvectors, info)``: the eigenvalues, shape ``(k,)``
-    in at least float32, in descending order (``"largest"``) or ascending
-    (``"smallest"``); the unit eigenvectors as a pytree like params whose
-    leaves have a leading axis of size `k`, each in its leaf's dtype (zeros
-    at non-float leaves).
+    An :class:`Eigenpairs` ``(values, vectors, info)``. A jitted function
+    cannot raise on a value: check ``info.converged`` to know that the
+    tolerance was met.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import adahessian_optax as aho
     >>> H = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])
     >>> loss = lambda p: 0.5 * p @ H @ p
-    >>> values, vectors = aho.hessian_eigenvalues(loss, jnp.zeros(3), key=0,
-    ...                                           k=2)
-    >>> print(jnp.round(values, 4), vectors.shape)
-    [4.7321 3.    ] (2, 3)
+    >>> values, vectors, info = aho.hessian_eigenvalues(loss, jnp.zeros(3),
+    ...                                                 key=0, k=2)
+    >>> print(jnp.round(values, 4), vectors.shape, bool(info.converged))
+    [4.7321 3.    ] (2, 3) True
     >>> print(jnp.round(jnp.linalg.eigvalsh(H)[::-1][:2], 4))
     [4.7321 3.    ]
 
@@ -660,25 +907,31 @@ def hessian_eigenvalues(
   owner = "hessian_eigenvalues"
   _check_choice("which", which, _WHICH)
   _checks.check_interval("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
+  n_steps = _renamed(owner, "max_steps", "n_steps", max_steps, n_steps, None)
+  if return_info is not _UNSET:
+    warnings.warn(
+        f"{owner}: return_info= is deprecated and ignored; the result is "
+        "always Eigenpairs(values, vectors, info)", DeprecationWarning,
+        stacklevel=2)
   key = _probes.key_data(key, owner)
-  dim = _dimension(params, owner)
+  dim = _dimension(params, owner, wrt)
   _check_steps("k", k, 1, dim, "the number of eigenvalues")
-  if max_steps is None:
-    max_steps = min(dim, max(100, 3 * k))
-  _check_steps("max_steps", max_steps, k, dim, "at least k")
-  op = _operator(value_fn, params, key, axis_name, owner)
+  if n_steps is None:
+    n_steps = min(dim, max(100, 3 * k))
+  _check_steps("n_steps", n_steps, k, dim, "at least k")
+  op = _operator(value_fn, params, key, axis_name, owner, wrt, preconditioner)
   if which == "smallest":
     op = _negated(op)
   _, v0 = _draw(op, key)
+  if init is not None:
+    v0 = _start_near(_warm_start(op, init, owner), v0)
   state, n, done = _lanczos.lanczos_until_converged(
-      op.matvec, v0, max_steps, k, tol, op.loops)
+      op.matvec, v0, n_steps, k, tol, op.loops, dim=dim)
   theta, vectors, residuals = _lanczos.top_pairs(state, n, k)
   _check_finite(op, owner, theta)
   values = -theta if which == "smallest" else theta
-  out = (values, _stacked_like(op, params, vectors, k))
-  if return_info:
-    out += (LanczosInfo(residuals, n, done),)
-  return out
+  return Eigenpairs(values, _stacked_like(op, params, vectors, k),
+                    LanczosInfo(residuals, n, done))
 
 
 # ---------------------------------------------------------------------------
@@ -699,10 +952,10 @@ class SpectralDensity(NamedTuple):
   (integral 1; multiply by the number of parameters for counts).
 
   Attributes:
-    nodes: Ritz values, shape ``(num_probes, num_steps)``, ascending per
+    nodes: Ritz values, shape ``(n_samples, n_steps)``, ascending per
       probe.
     weights: squared first components of the eigenvectors of each probe's
-      tridiagonal matrix, shape ``(num_probes, num_steps)``.
+      tridiagonal matrix, shape ``(n_samples, n_steps)``.
   """
 
   nodes: jax.Array
@@ -762,14 +1015,18 @@ def hessian_spectrum(
     params: Any,
     key: Any,
     *,
-    num_probes: int = 10,
-    num_steps: int = 50,
+    n_samples: int = 10,
+    n_steps: int = 50,
+    wrt: Any = None,
+    preconditioner: Any = None,
     axis_name: Optional[str] = None,
+    num_probes: Any = _UNSET,
+    num_steps: Any = _UNSET,
 ) -> SpectralDensity:
   r"""The eigenvalue spectral density of the Hessian, by Lanczos quadrature.
 
-  Stochastic Lanczos quadrature (SLQ): for each of `num_probes` Rademacher
-  probes :math:`z`, `num_steps` steps of Lanczos with full
+  Stochastic Lanczos quadrature (SLQ): for each of `n_samples` Rademacher
+  probes :math:`z`, `n_steps` steps of Lanczos with full
   reorthogonalisation from :math:`v = z / \|z\|` give a tridiagonal
   :math:`T = S \Theta S^\top`; its eigenvalues are the nodes and
   :math:`w_k = S_{1k}^2` the weights of the Gauss quadrature of the spectral
@@ -782,22 +1039,32 @@ def hessian_spectrum(
   so :math:`n \sum_k w_k \theta_k = z^\top H z` is the Hutchinson sample of
   the same probe (the :math:`s`-th probe of :func:`hessian_trace` with the
   same key) and :math:`\mathbb E\, v^\top f(H) v = \mathrm{tr} f(H) / n`.
-  Costs ``num_probes * num_steps`` products; memory ``num_steps + 1``
-  vectors the size of the float params, whatever ``num_probes``.
+  Costs ``n_samples * n_steps`` products; memory ``n_steps + 1``
+  vectors the size of the float params, whatever ``n_samples``.
 
   Args:
     value_fn: the loss, ``params -> scalar``, or a :class:`DatasetLoss`.
     params: the pytree at which to take the Hessian.
     key: an int seed or a JAX PRNG key for the probes.
-    num_probes: the number of probes (independent Lanczos runs).
-    num_steps: Lanczos steps per probe, at most the number of float entries
-      of params.
+    n_samples: the number of probes (independent Lanczos runs).
+    n_steps: Lanczos steps per probe, at most the dimension.
+    wrt: which parameters the operator acts on: None (all), a pytree prefix
+      of params with bool leaves, or boolean arrays broadcastable to the
+      leaves below them (to pick one layer of a stacked leaf), or a
+      function of params returning one, as optax's masks. The operator is
+      then the diagonal block of the selected entries.
+    preconditioner: a positive diagonal :math:`P`, a pytree like params
+      (e.g. from :func:`adam_preconditioner`): analyse
+      :math:`P^{-1/2} H P^{-1/2}`, which has the eigenvalues of
+      :math:`P^{-1} H`, instead of :math:`H`.
     axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over
       which the products are averaged.
+    num_probes: deprecated name of ``n_samples`` (0.3).
+    num_steps: deprecated name of ``n_steps`` (0.3).
 
   Returns:
     A :class:`SpectralDensity` with ``nodes`` and ``weights`` of shape
-    ``(num_probes, num_steps)``; ``.density(grid, sigma)`` smooths it and
+    ``(n_samples, n_steps)``; ``.density(grid, sigma)`` smooths it and
     ``.plot()`` draws it.
 
   Examples:
@@ -805,8 +1072,8 @@ def hessian_spectrum(
     >>> import adahessian_optax as aho
     >>> H = jnp.diag(jnp.array([1.0, 2.0, 2.0, 5.0]))
     >>> loss = lambda p: 0.5 * p @ H @ p
-    >>> esd = aho.hessian_spectrum(loss, jnp.zeros(4), key=0, num_probes=2,
-    ...                            num_steps=3)
+    >>> esd = aho.hessian_spectrum(loss, jnp.zeros(4), key=0, n_samples=2,
+    ...                            n_steps=3)
     >>> print(jnp.round(esd.nodes, 3))   # the distinct eigenvalues
     [[1. 2. 5.]
      [1. 2. 5.]]
@@ -823,17 +1090,131 @@ def hessian_spectrum(
     <https://arxiv.org/abs/1901.10159>`_, ICML 2019.
   """
   owner = "hessian_spectrum"
+  n_samples = _renamed(owner, "num_probes", "n_samples", num_probes,
+                       n_samples, 10)
+  n_steps = _renamed(owner, "num_steps", "n_steps", num_steps, n_steps, 50)
   key = _probes.key_data(key, owner)
-  _checks.check_positive_int("num_probes", num_probes, allow_traced=False)
-  _check_steps("num_steps", num_steps, 1, _dimension(params, owner),
+  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+  _check_steps("n_steps", n_steps, 1, _dimension(params, owner, wrt),
                "Lanczos steps per probe")
-  op = _operator(value_fn, params, key, axis_name, owner)
+  op = _operator(value_fn, params, key, axis_name, owner, wrt, preconditioner)
 
   def one(key):
     key, v0 = _draw(op, key)
-    state = _lanczos.lanczos(op.matvec, v0, num_steps, op.loops)
+    state = _lanczos.lanczos(op.matvec, v0, n_steps, op.loops)
     return key, _lanczos.quadrature(state)
 
-  nodes, weights = op.loops.scan(one, key, num_probes)[1]
+  nodes, weights = op.loops.scan(one, key, n_samples)[1]
   _check_finite(op, owner, nodes)
   return SpectralDensity(nodes, weights)
+
+
+# ---------------------------------------------------------------------------
+# Per-layer summary.
+
+
+class LayerSummary(NamedTuple):
+  r"""The curvature of each parameter leaf's diagonal block.
+
+  Each attribute is a pytree like params, with a scalar at each float leaf
+  the summary covers (zeros elsewhere).
+
+  Attributes:
+    size: :math:`n_i`, the leaf's number of entries.
+    trace: :math:`\mathrm{tr}(H_i)`, estimated (Hutchinson).
+    trace_stderr: its standard error.
+    mean_trace: :math:`\mathrm{tr}(H_i) / n_i`, HAWQ-V2's sensitivity.
+    mean_trace_stderr: its standard error.
+    top_eigenvalue: :math:`\lambda_{\max}(H_i)` (Lanczos on the block).
+  """
+
+  size: Any
+  trace: Any
+  trace_stderr: Any
+  mean_trace: Any
+  mean_trace_stderr: Any
+  top_eigenvalue: Any
+
+
+def layer_summary(
+    value_fn: Any,
+    params: Any,
+    key: Any,
+    *,
+    n_samples: int = 100,
+    n_steps: int = 30,
+    tol: float = 1e-3,
+    wrt: Any = None,
+    axis_name: Optional[str] = None,
+) -> LayerSummary:
+  r"""Trace, trace per parameter and top eigenvalue of each leaf's block.
+
+  For each float leaf :math:`i` with :math:`n_i` entries, the diagonal
+  block :math:`H_i` of the Hessian (or of the GGN, for a :func:`ggn`):
+
+  .. math::
+    \mathrm{tr}(H_i) \approx \frac1S \sum_s \langle z_{s,i}, (H z_s)_i
+    \rangle, \qquad \frac{\mathrm{tr}(H_i)}{n_i}, \qquad
+    \lambda_{\max}(H_i),
+
+  the per-layer numbers that HAWQ (V1: top eigenvalue, V2: average trace)
+  and per-layer sharpness studies rank layers by. The traces come from one
+  :func:`hessian_trace` (``n_samples`` products for all leaves together),
+  the eigenvalues from one :func:`hessian_eigenvalues` per leaf
+  (``wrt=`` that leaf, at most ``n_steps`` products each).
+
+  Args:
+    value_fn: the loss, ``params -> scalar``, a :func:`ggn`, or a
+      :class:`DatasetLoss`.
+    params: the pytree at which to take the curvature.
+    key: an int seed or a JAX PRNG key.
+    n_samples: Hutchinson probes for the traces.
+    n_steps: the most Lanczos steps per leaf (fewer for a smaller leaf).
+    tol: the Lanczos tolerance, relative.
+    wrt: which leaves to summarise (see :func:`hessian_trace`); whole
+      leaves only.
+    axis_name: the data-parallel axis, as in :func:`hessian_trace`.
+
+  Returns:
+    A :class:`LayerSummary` of pytrees like params.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adahessian_optax as aho
+    >>> loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(jnp.arange(3.0) * p["b"] ** 2)
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    >>> s = aho.layer_summary(loss, params, key=0, n_samples=4)
+    >>> print(s.mean_trace["a"], s.mean_trace["b"], s.top_eigenvalue["b"])
+    2.0 2.0 4.0
+
+  References:
+    Dong et al., `HAWQ-V2: Hessian Aware trace-Weighted Quantization of
+    Neural Networks <https://arxiv.org/abs/1911.03852>`_, NeurIPS 2020.
+  """
+  owner = "layer_summary"
+  key = _probes.key_data(key, owner)
+  split, mask, _ = _selection(params, wrt, owner)
+  if any(m is not None for m in mask):
+    raise ValueError(
+        f"{owner}: wrt must select whole leaves here (a summary is per leaf)")
+  trace = hessian_trace(value_fn, params, key, n_samples=n_samples, wrt=wrt,
+                        axis_name=axis_name)
+  flat, treedef = jax.tree.flatten(params)
+  sizes = [0] * len(flat)
+  tops = [jnp.zeros((), trace.estimate.dtype)] * len(flat)
+  for i in split.index:
+    only = treedef.unflatten([j == i for j in range(len(flat))])
+    n = int(np.prod(np.shape(flat[i])))
+    values = hessian_eigenvalues(
+        value_fn, params, key, k=1, tol=tol, n_steps=min(n, n_steps),
+        wrt=only, axis_name=axis_name).values
+    sizes[i], tops[i] = n, values[0]
+  size = treedef.unflatten(sizes)
+  divide = lambda t, n: t / max(n, 1)
+  return LayerSummary(
+      size=size,
+      trace=trace.per_leaf,
+      trace_stderr=trace.per_leaf_stderr,
+      mean_trace=jax.tree.map(divide, trace.per_leaf, size),
+      mean_trace_stderr=jax.tree.map(divide, trace.per_leaf_stderr, size),
+      top_eigenvalue=treedef.unflatten(tops))

@@ -68,7 +68,7 @@ class SoftmaxCrossEntropy:
       raise ValueError(
           f"SoftmaxCrossEntropy: probability labels of shape {labels.shape} "
           f"do not match logits of shape {logits.shape}")
-    return -jnp.mean(jnp.sum(labels * log_p, axis=-1))
+    return -jnp.mean(jnp.sum(labels.astype(log_p.dtype) * log_p, axis=-1))
 
   def num_positions(self, logits: jax.Array) -> int:
     """N: the independent positions a label is drawn for."""
@@ -111,7 +111,8 @@ class SquaredError:
       raise ValueError(
           f"SquaredError: targets of shape {jnp.shape(self.targets)} do not "
           f"match outputs of shape {outputs.shape}")
-    diff = outputs.astype(_wide(outputs.dtype)) - self.targets
+    wide = _wide(outputs.dtype)
+    diff = outputs.astype(wide) - jnp.asarray(self.targets).astype(wide)
     return 0.5 * jnp.mean(diff ** 2)
 
   def num_positions(self, outputs: jax.Array) -> int:
@@ -212,8 +213,8 @@ def ggn(output_fn: Callable[..., Any],
     >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
     >>> loss = aho.ggn(lambda w: x @ w, aho.SquaredError(jnp.zeros(2)))
     >>> values, _, _ = aho.hessian_eigenvalues(loss, jnp.zeros(2), key=0, k=2)
-    >>> print(jnp.round(values, 3))   # X^T X / 2, as the Hessian: f is linear
-    [14.933  0.067]
+    >>> print(*(f"{v:.3f}" for v in values))  # X^T X / 2: the Hessian's
+    14.933 0.067
 
   References:
     Schraudolph, `Fast curvature matrix-vector products for second-order

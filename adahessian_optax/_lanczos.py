@@ -20,7 +20,7 @@ API is not stable.
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -318,20 +318,26 @@ def converged(alpha: jax.Array, beta: jax.Array, n: Any, k: int,
 
 
 def lanczos_until_converged(matvec: Callable[[list], list], v0: list,
-                            max_steps: int, k: int, tol: Any,
-                            loops: Loops) -> tuple[Krylov, jax.Array, jax.Array]:
+                            max_steps: int, k: int, tol: Any, loops: Loops, *,
+                            dim: Optional[int] = None
+                            ) -> tuple[Krylov, jax.Array, jax.Array]:
   """Lanczos steps until the `k` largest Ritz pairs meet `tol`.
 
   Returns `(run, steps taken, converged)`; at most `max_steps` steps, fewer
   if a product is not finite (the run is then NaN and not converged).
+  `dim` is the dimension of the space the operator acts on (by default the
+  size of the vectors; less when they are masked).
   """
+  if dim is None:
+    dim = dimension(v0)
   def cond(carry):
     state, n, done = carry
     return _running(n, done, max_steps, state.alpha)
 
   def body(carry):
     state, n, _ = carry
-    return _step_and_check(state, n, matvec(row(state.basis, n)), k, tol)
+    return _step_and_check(state, n, matvec(row(state.basis, n)), k, tol,
+                           dim)
 
   state = start(v0, max_steps)
   init = (state, jnp.zeros_like(state.restarts),
@@ -346,10 +352,9 @@ def _running(n, done, max_steps, alpha):
   return (n < max_steps) & jnp.logical_not(done) & finite
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _step_and_check(state, n, w, k, tol):
+@functools.partial(jax.jit, static_argnames=("k", "dim"))
+def _step_and_check(state, n, w, k, tol, dim):
   state = absorb(state, n, w)
-  dim = sum(v[0].size for v in state.basis)
   return state, n + 1, converged(state.alpha, state.beta, n + 1, k, tol, dim)
 
 

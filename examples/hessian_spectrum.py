@@ -69,7 +69,7 @@ def _dataset(graphdef, model_state, x, y):
 
 def top3(data, params, max_steps):
   """The three largest eigenvalues (Lanczos to tol 1e-4)."""
-  return aho.hessian_eigenvalues(data, params, 0, k=3, max_steps=max_steps)[0]
+  return aho.hessian_eigenvalues(data, params, 0, k=3, n_steps=max_steps)[0]
 
 
 def sharpness(graphdef, model_state, x, y, max_steps):
@@ -87,8 +87,8 @@ def analyse(graphdef, model_state, x, y, sizes):
   data, params = _dataset(graphdef, model_state, x, y)
   top = top3(data, params, max_steps)
   trace = aho.hessian_trace(data, params, 1, n_samples=n_trace)
-  esd = aho.hessian_spectrum(data, params, 2, num_probes=num_probes,
-                             num_steps=num_steps)
+  esd = aho.hessian_spectrum(data, params, 2, n_samples=num_probes,
+                             n_steps=num_steps)
   return top, trace, esd
 
 

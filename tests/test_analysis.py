@@ -81,11 +81,10 @@ def problem(request):
 
 def _analyse(value_fn, params):
   """Everything at once, for comparing two ways of giving the same loss."""
-  eig = aho.hessian_eigenvalues(value_fn, params, 0, k=2, max_steps=40,
-                                return_info=True)
+  eig = aho.hessian_eigenvalues(value_fn, params, 0, k=2, n_steps=40)
   trace = aho.hessian_trace(value_fn, params, 1, n_samples=4)
-  spectrum = aho.hessian_spectrum(value_fn, params, 1, num_probes=2,
-                                  num_steps=8)
+  spectrum = aho.hessian_spectrum(value_fn, params, 1, n_samples=2,
+                                  n_steps=8)
   return eig, trace, spectrum
 
 
@@ -124,12 +123,12 @@ def test_top_eigenvalues_and_vectors_match_exact_hessian(problem):
   exact = np.linalg.eigvalsh(hess)[::-1]
   k, tol = 4, 1e-4
   values, vectors, info = jax.jit(lambda p: aho.hessian_eigenvalues(
-      lambda q: loss_fn(q, batch), p, 0, k=k, tol=tol, return_info=True))(
+      lambda q: loss_fn(q, batch), p, 0, k=k, tol=tol))(
           params)
   np.testing.assert_allclose(values, exact[:k], rtol=1e-4)
   assert bool(info.converged)
   dim = hess.shape[0]
-  assert int(info.num_steps) < dim // 2  # converged, not exhausted
+  assert int(info.n_steps) < dim // 2  # converged, not exhausted
   y = _rows(vectors, k)
   assert vectors["w2" if "w2" in params else "dense"].shape[0] == k
   np.testing.assert_allclose(y @ y.T, np.eye(k), atol=1e-4)
@@ -300,9 +299,9 @@ def test_smallest_eigenvalues_are_the_most_negative(mlp_batches):
   exact = np.linalg.eigvalsh(hess)
   assert exact[0] < -0.01 and abs(exact[0]) < exact[-1]
   # Through a DatasetLoss: its compiled steps are those of the test above.
-  values, _ = aho.hessian_eigenvalues(aho.DatasetLoss(loss_fn, mlp_batches),
+  values, _, _ = aho.hessian_eigenvalues(aho.DatasetLoss(loss_fn, mlp_batches),
                                       params, 0, k=2, which="smallest",
-                                      max_steps=40)
+                                      n_steps=40)
   np.testing.assert_allclose(values, exact[:2], rtol=1e-4)
 
 
@@ -367,12 +366,12 @@ def test_sharded_leaves_stay_sharded_without_gathers():
 
   def top(w, c):
     return aho.hessian_eigenvalues(lambda p: jnp.sum(c * p ** 2 + jnp.sin(p)),
-                                   w, 0, k=2, max_steps=12)
+                                   w, 0, k=2, n_steps=12)
 
   compiled = jax.jit(top).lower(w, c).compile()
   hlo = compiled.as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo
-  values, vectors = compiled(w, c)
+  values, vectors, _ = compiled(w, c)
   assert vectors.sharding.is_equivalent_to(
       NamedSharding(mesh, P(None, "d")), 3)
   # The Hessian is diag(2c - sin w): its two largest entries.
@@ -407,7 +406,7 @@ def test_leaf_dtypes_kept_and_non_float_leaves_skipped():
     scale = p["count"].astype(jnp.float32)
     return scale * (w @ a @ w / 2 + jnp.sum(v ** 2)) + jnp.sum(w * v)
 
-  values, vectors = jax.jit(
+  values, vectors, _ = jax.jit(
       lambda p: aho.hessian_eigenvalues(loss, p, 0, k=2))(params)
   assert vectors["w"].dtype == jnp.bfloat16 and vectors["v"].dtype == jnp.float32
   assert vectors["count"].shape == (2,) and vectors["count"].dtype == jnp.int32
@@ -466,7 +465,7 @@ def test_nnx_model_with_batchnorm_and_dropout():
 
   model.eval()  # running statistics, no dropout: a function of the params
   eval_fn = aho.nnx_value_fn(loss_fn, model, x, y)
-  values, _ = jax.jit(lambda p: aho.hessian_eigenvalues(eval_fn, p, 0))(params)
+  values, _, _ = jax.jit(lambda p: aho.hessian_eigenvalues(eval_fn, p, 0))(params)
   eval_hessian = _exact_hessian(eval_fn, params)
   np.testing.assert_allclose(values, np.linalg.eigvalsh(eval_hessian)[-1:],
                              rtol=1e-4)
@@ -488,12 +487,12 @@ def test_bad_inputs_are_named():
     aho.hessian_eigenvalues(loss, params, 0, k=4)
   with pytest.raises(ValueError, match="k must be an integer >= 1"):
     aho.hessian_eigenvalues(loss, params, 0, k=0)
-  with pytest.raises(ValueError, match=r"max_steps must lie in \[2, 3\]"):
-    aho.hessian_eigenvalues(loss, params, 0, k=2, max_steps=1)
-  with pytest.raises(ValueError, match=r"num_steps must lie in \[1, 3\]"):
-    aho.hessian_spectrum(loss, params, 0, num_steps=4)
-  with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
-    aho.hessian_spectrum(loss, params, 0, num_steps=0)
+  with pytest.raises(ValueError, match=r"n_steps must lie in \[2, 3\]"):
+    aho.hessian_eigenvalues(loss, params, 0, k=2, n_steps=1)
+  with pytest.raises(ValueError, match=r"n_steps must lie in \[1, 3\]"):
+    aho.hessian_spectrum(loss, params, 0, n_steps=4)
+  with pytest.raises(ValueError, match="n_steps must be an integer >= 1"):
+    aho.hessian_spectrum(loss, params, 0, n_steps=0)
   with pytest.raises(ValueError, match="which"):
     aho.hessian_eigenvalues(loss, params, 0, which="magnitude")
   with pytest.raises(ValueError, match="tol"):
@@ -528,10 +527,10 @@ def test_repeated_eigenvalue_hidden_by_an_invariant_subspace(jit):
   # second copy of 6 lies in the complement, so the run must not stop there.
   d = jnp.array([2.0, 2.0, 2.0, 6.0, 6.0])
   loss = lambda w: 0.5 * jnp.sum(d * w ** 2)
-  fn = lambda w: aho.hessian_eigenvalues(loss, w, 0, k=2, return_info=True)
+  fn = lambda w: aho.hessian_eigenvalues(loss, w, 0, k=2)
   values, _, info = (jax.jit(fn) if jit else fn)(jnp.ones(5))
   np.testing.assert_allclose(values, [6.0, 6.0], rtol=1e-4)
-  assert bool(info.converged) and int(info.num_steps) > 2
+  assert bool(info.converged) and int(info.n_steps) > 2
 
 
 def test_host_analysis_sees_the_closure_as_it_is_now():
@@ -548,10 +547,10 @@ def test_host_analysis_sees_the_closure_as_it_is_now():
   box["scale"] = 10.0
   assert float(aho.hessian_trace(loss, params, 0, n_samples=2).estimate) == 120.0
   params["repeats"] = 1
-  top, _ = aho.hessian_eigenvalues(loss, params, 0)
+  top, _, _ = aho.hessian_eigenvalues(loss, params, 0)
   np.testing.assert_allclose(top, [20.0], rtol=1e-5)
   # NumPy params are concrete params.
-  top, _ = aho.hessian_eigenvalues(loss, {"w": np.ones(3), "repeats": 1}, 0)
+  top, _, _ = aho.hessian_eigenvalues(loss, {"w": np.ones(3), "repeats": 1}, 0)
   np.testing.assert_allclose(top, [20.0], rtol=1e-5)
 
 
@@ -560,13 +559,13 @@ def test_non_finite_products_raise_outside_jit_and_stop_under_it():
   w = -jnp.ones(4)
   for fn in (lambda: aho.hessian_trace(loss, w, 0, n_samples=4),
              lambda: aho.hessian_eigenvalues(loss, w, 0),
-             lambda: aho.hessian_spectrum(loss, w, 0, num_steps=3)):
+             lambda: aho.hessian_spectrum(loss, w, 0, n_steps=3)):
     with pytest.raises(ValueError, match="not finite"):
       fn()
   values, _, info = jax.jit(lambda w: aho.hessian_eigenvalues(
-      loss, w, 0, return_info=True))(w)
+      loss, w, 0))(w)
   assert np.isnan(values).all() and not bool(info.converged)
-  assert int(info.num_steps) == 1  # stopped at the first NaN product
+  assert int(info.n_steps) == 1  # stopped at the first NaN product
   with pytest.raises(ValueError, match=r"pass value_fn=<params -> scalar loss>\.$"):
     aho.hessian_trace(None, w, 0)
 
@@ -574,8 +573,7 @@ def test_non_finite_products_raise_outside_jit_and_stop_under_it():
 @pytest.mark.parametrize("jit", [False, True])
 def test_one_dimensional_params(jit):
   # A single float entry: one Lanczos step, no off-diagonal at all.
-  fn = lambda w: aho.hessian_eigenvalues(lambda v: 1.5 * v ** 2, w, 0,
-                                         return_info=True)
+  fn = lambda w: aho.hessian_eigenvalues(lambda v: 1.5 * v ** 2, w, 0)
   values, vectors, info = (jax.jit(fn) if jit else fn)(jnp.ones(()))
   np.testing.assert_allclose(values, [3.0], rtol=1e-6)
   assert abs(float(vectors[0])) == 1.0 and bool(info.converged)

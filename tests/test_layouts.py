@@ -531,8 +531,8 @@ def test_top_eigenvalue_and_trace_are_the_exact_ones(case):
   model = _model(case)
   rtol = 5e-2 if _is_bf16(model.params) else 2e-3  # bf16: the model's noise
   eigenvalues = np.linalg.eigvalsh(model.hessian)
-  top, _ = aho.hessian_eigenvalues(model.loss, model.params, key=0, k=1,
-                                   max_steps=eigenvalues.size)
+  top, _, _ = aho.hessian_eigenvalues(model.loss, model.params, key=0, k=1,
+                                   n_steps=eigenvalues.size)
   np.testing.assert_allclose(float(top[0]), eigenvalues[-1], rtol=rtol,
                              atol=1e-4 * np.abs(eigenvalues).max())
   h = model.hessian
