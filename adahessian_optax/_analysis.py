@@ -389,16 +389,16 @@ def _inverse_sqrt(preconditioner: Any, params: Any, split: _tree.FloatLeaves,
         f"diagonal P per leaf): {e}") from None
   out = []
   for p, x in zip(values, split.select(params)):
+    if _is_concrete(p) and not np.all(np.asarray(p) > 0):
+      raise ValueError(
+          f"{owner}: the preconditioner must be positive (P^-1/2 is taken); "
+          "add the optimizer's eps")
     p = jnp.asarray(p)
     if jnp.shape(p) != jnp.shape(x):
       raise ValueError(
           f"{owner}: a preconditioner leaf of shape {jnp.shape(p)} does not "
           f"match its parameter's shape {jnp.shape(x)}")
     p = p.astype(_tree.at_least_float32(p.dtype))
-    if _is_concrete(p) and not bool(jnp.all(p > 0)):
-      raise ValueError(
-          f"{owner}: the preconditioner must be positive (P^-1/2 is taken); "
-          "add the optimizer's eps")
     out.append(jax.lax.rsqrt(p))
   return out
 

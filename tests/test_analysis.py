@@ -577,3 +577,139 @@ def test_one_dimensional_params(jit):
   values, vectors, info = (jax.jit(fn) if jit else fn)(jnp.ones(()))
   np.testing.assert_allclose(values, [3.0], rtol=1e-6)
   assert abs(float(vectors[0])) == 1.0 and bool(info.converged)
+
+
+# ---------------------------------------------------------------------------
+# Blocks (wrt=), preconditioners, warm starts, the per-layer summary.
+
+
+def _block(hess, params, keep):
+  """The rows and columns of `hess` (flat, like params) that `keep` marks."""
+  mask = _flat(jax.tree.map(lambda x, m: np.broadcast_to(m, x.shape) * 1.0,
+                            params, keep)) > 0
+  return hess[np.ix_(mask, mask)]
+
+
+def test_wrt_restricts_to_the_exact_block():
+  params, batch, loss_fn, hess = _exact_problem("mlp")
+  value_fn = lambda p: loss_fn(p, batch)
+  # One leaf, and part of another (two of the hidden units' input weights).
+  cols = np.zeros((1, 16), bool)
+  cols[0, [3, 7]] = True
+  keep = {"w1": cols, "b1": False, "w2": True}
+  block = _block(hess, params, keep)
+  exact = np.linalg.eigvalsh(block)
+  got = aho.hessian_eigenvalues(value_fn, params, 0, k=2, wrt=keep)
+  np.testing.assert_allclose(got.values, exact[::-1][:2], rtol=1e-4)
+  assert not np.any(np.asarray(got.vectors["b1"]))
+  assert not np.any(np.asarray(got.vectors["w1"])[:, :, ~cols[0]])
+  trace = aho.hessian_trace(value_fn, params, 0, n_samples=200,
+                            wrt=lambda p: keep)
+  assert abs(float(trace.estimate) - np.trace(block)) < 5 * float(
+      trace.stderr)
+  assert float(trace.per_leaf["b1"]) == 0.0
+  with pytest.raises(ValueError, match=r"n_steps must lie in \[1, 64\]"):
+    aho.hessian_spectrum(value_fn, params, 0, n_steps=65,
+                         wrt={"w1": False, "b1": False, "w2": True})
+
+
+def test_wrt_picks_one_layer_of_a_stacked_leaf():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(3, 4, 4))
+  a = jnp.asarray(a + a.transpose(0, 2, 1), jnp.float32)  # three layers
+  loss = lambda w: 0.5 * jnp.einsum("lij,li,lj->", a, w, w) + jnp.sum(
+      w[0] * w[1] * w[2])
+  w = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  hess = np.asarray(jax.hessian(lambda f: loss(f.reshape(3, 4)))(
+      w.reshape(-1)), np.float64)
+  layer = np.arange(3)[:, None] == 1
+  got = jax.jit(lambda w: aho.hessian_eigenvalues(
+      loss, w, 0, k=4, wrt=layer).values)(w)
+  np.testing.assert_allclose(
+      got, np.linalg.eigvalsh(hess[4:8, 4:8])[::-1], rtol=1e-4, atol=1e-5)
+
+
+def test_wrt_errors_are_named():
+  params = {"w": jnp.ones(3), "n": jnp.arange(2)}
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  with pytest.raises(ValueError, match="selects no floating-point entry"):
+    aho.hessian_trace(loss, params, 0, wrt={"w": False, "n": True})
+  with pytest.raises(ValueError, match="does not broadcast"):
+    aho.hessian_trace(loss, params, 0, wrt={"w": np.ones(2, bool), "n": 0 > 1})
+  with pytest.raises(TypeError, match="bools or boolean arrays"):
+    aho.hessian_trace(loss, params, 0, wrt={"w": 1, "n": False})
+  with pytest.raises(ValueError, match="pytree prefix of params"):
+    aho.hessian_trace(loss, params, 0, wrt={"v": True})
+
+
+def test_preconditioned_eigenvalues_match_exact():
+  params, batch, loss_fn, hess = _exact_problem("mlp")
+  rng = np.random.default_rng(4)
+  precond = jax.tree.map(
+      lambda x: jnp.asarray(rng.uniform(0.1, 3.0, x.shape), jnp.float32),
+      params)
+  s = 1 / np.sqrt(_flat(precond))
+  exact = np.linalg.eigvalsh(s[:, None] * hess * s[None, :])
+  top = aho.hessian_eigenvalues(lambda q: loss_fn(q, batch), params, 0, k=2,
+                                preconditioner=precond).values
+  low = jax.jit(lambda p: aho.hessian_eigenvalues(
+      lambda q: loss_fn(q, batch), p, 0, which="smallest",
+      preconditioner=precond).values)(params)
+  np.testing.assert_allclose(top, exact[::-1][:2], rtol=1e-4)
+  np.testing.assert_allclose(low, exact[:1], rtol=1e-3, atol=1e-5)
+  with pytest.raises(ValueError, match="must be positive"):
+    aho.hessian_eigenvalues(lambda q: loss_fn(q, batch), params, 0,
+                            preconditioner=jax.tree.map(jnp.zeros_like,
+                                                        params))
+
+
+def test_warm_start_converges_in_fewer_products():
+  params, batch, loss_fn, hess = _exact_problem("mlp")
+  exact = np.linalg.eigvalsh(hess)[-1]
+  value_fn = lambda p: loss_fn(p, batch)
+  cold = aho.hessian_eigenvalues(value_fn, params, 0)
+  # A nearby point, as after a training step: its own cold start against a
+  # start from the previous point's eigenvector.
+  moved = jax.tree.map(lambda x: x * 1.01, params)
+  moved_exact = np.linalg.eigvalsh(_exact_hessian(value_fn, moved))[-1]
+  cold2 = aho.hessian_eigenvalues(value_fn, moved, 1)
+  warm = aho.hessian_eigenvalues(value_fn, moved, 1, init=cold.vectors)
+  np.testing.assert_allclose(cold.values[0], exact, rtol=1e-4)
+  np.testing.assert_allclose(warm.values[0], moved_exact, rtol=1e-4)
+  np.testing.assert_allclose(cold2.values[0], moved_exact, rtol=1e-4)
+  assert bool(warm.info.converged) and bool(cold2.info.converged)
+  # Measured: 7 products against 14.
+  assert int(warm.info.n_steps) <= 0.6 * int(cold2.info.n_steps)
+
+
+def test_deprecated_names_warn_and_still_work():
+  loss = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 5.0) * w ** 2)
+  w = jnp.ones(4)
+  with pytest.warns(DeprecationWarning, match="max_steps= is deprecated"):
+    old = aho.hessian_eigenvalues(loss, w, 0, max_steps=4)
+  with pytest.warns(DeprecationWarning, match="return_info= is deprecated"):
+    values, _, info = aho.hessian_eigenvalues(loss, w, 0, return_info=True)
+  np.testing.assert_allclose(old.values, [4.0], rtol=1e-5)
+  np.testing.assert_allclose(values, [4.0], rtol=1e-5)
+  with pytest.warns(DeprecationWarning) as caught:
+    esd = aho.hessian_spectrum(loss, w, 0, num_probes=2, num_steps=4)
+  assert {str(c.message).split(":")[1].split("=")[0].strip()
+          for c in caught} == {"num_probes", "num_steps"}
+  assert esd.nodes.shape == (2, 4)
+  with pytest.raises(TypeError, match="got both max_steps= and n_steps="):
+    aho.hessian_eigenvalues(loss, w, 0, max_steps=4, n_steps=3)
+
+
+def test_layer_summary_matches_exact_blocks():
+  params, batch, loss_fn, hess = _exact_problem("mlp")
+  summary = aho.layer_summary(lambda p: loss_fn(p, batch), params, 0,
+                              n_samples=200, n_steps=64)
+  for name in params:
+    keep = {k: k == name for k in params}
+    block = _block(hess, params, keep)
+    n = block.shape[0]
+    assert int(summary.size[name]) == n
+    np.testing.assert_allclose(summary.top_eigenvalue[name],
+                               np.linalg.eigvalsh(block)[-1], rtol=1e-3)
+    err = abs(float(summary.mean_trace[name]) - np.trace(block) / n)
+    assert err < 5 * float(summary.mean_trace_stderr[name]) + 1e-7

@@ -1,0 +1,56 @@
+"""Optimizers' preconditioners and stability thresholds, recomputed in NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adahessian_optax as aho
+
+
+@pytest.mark.standard_promotion  # optax.adam's own bias correction
+def test_adam_preconditioner_is_sqrt_vhat_plus_eps():
+  grads = [np.array([0.5, -2.0]), np.array([1.5, 0.25]), np.array([-1.0, 3.0])]
+  tx = optax.chain(optax.clip(10.0), optax.adamw(0.1, b2=0.9, eps=1e-3))
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  for g in grads:
+    _, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+  v = np.zeros(2)
+  for g in grads:
+    v = 0.9 * v + 0.1 * g ** 2
+  expected = np.sqrt(v / (1 - 0.9 ** 3)) + 1e-3
+  np.testing.assert_allclose(aho.adam_preconditioner(state, b2=0.9, eps=1e-3),
+                             expected, rtol=1e-5)
+
+
+def test_adahessian_preconditioner_is_vhat_power_plus_eps():
+  d = np.array([1.0, 4.0, 9.0])  # the diagonal Hutchinson gets exactly
+  loss = lambda p: 0.5 * jnp.sum(jnp.asarray(d, jnp.float32) * p ** 2)
+  tx = aho.adahessian(0.01, b2=0.5, eps=1e-2, hessian_power=0.5, key=0)
+  params = jnp.ones(3)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(jax.grad(loss)(params), state, params,
+                               value_fn=loss)
+    params = optax.apply_updates(params, updates)
+  v = (0.5 * 0.5 + 0.5) * d ** 2  # two refreshes of |D|^2 = d^2
+  expected = (v / (1 - 0.5 ** 2)) ** 0.25 + 1e-2
+  got = aho.adahessian_preconditioner(state, b2=0.5, hessian_power=0.5,
+                                      eps=1e-2)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_thresholds_and_errors():
+  assert aho.stability_threshold(0.01) == pytest.approx(200.0)
+  assert aho.stability_threshold(0.01, 0.9) == pytest.approx(3800.0)
+  with pytest.raises(ValueError, match="learning_rate must lie"):
+    aho.stability_threshold(0.0)
+  with pytest.raises(ValueError, match="no ScaleByAdamState"):
+    aho.adam_preconditioner(optax.sgd(0.1).init(jnp.zeros(2)))
+  two = optax.chain(optax.adam(0.1), optax.adam(0.1)).init(jnp.zeros(2))
+  with pytest.raises(ValueError, match="holds 2 ScaleByAdamState"):
+    aho.adam_preconditioner(two)
+  with pytest.raises(ValueError, match="ScaleByAdaHessianState"):
+    aho.adahessian_preconditioner(optax.adam(0.1).init(jnp.zeros(2)))
