@@ -132,3 +132,26 @@ def test_bad_inputs_are_named():
   pair = aho.ggn(lambda p: (_logits(p, x), 0), aho.SoftmaxCrossEntropy(y))
   with pytest.raises(TypeError, match="one array of outputs"):
     aho.hessian_eigenvalues(pair, params, 0)
+
+
+@pytest.mark.slow  # a sharded compile on 4 devices
+def test_ggn_with_sharded_params_and_batch(mlp_ggn):
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  params, x, y, ggn = mlp_ggn
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices")
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Auto,))
+  params = jax.device_put(params, {
+      "w1": NamedSharding(mesh, P(None, None)),
+      "b1": NamedSharding(mesh, P(None)),
+      "w2": NamedSharding(mesh, P(None, None))})
+  x, y = jax.device_put((x, y), NamedSharding(mesh, P("d")))
+
+  def top(p, x, y):
+    loss = aho.ggn(lambda q: _logits(q, x), aho.SoftmaxCrossEntropy(y))
+    return aho.hessian_eigenvalues(loss, p, 0, k=2)
+
+  for fn in (top, jax.jit(top)):
+    got = fn(params, x, y)
+    np.testing.assert_allclose(got.values, np.linalg.eigvalsh(ggn)[::-1][:2],
+                               rtol=1e-3)
