@@ -30,6 +30,8 @@ from adahessian_optax._hutchinson import hutchinson_estimator
 from adahessian_optax._hutchinson import HutchinsonResult
 from adahessian_optax._hutchinson import HutchinsonState
 from adahessian_optax._hutchinson import value_grad_and_hessian
+from adahessian_optax._landscape import filter_normalized_direction
+from adahessian_optax._landscape import loss_landscape
 from adahessian_optax._layouts import spatial_rules
 from adahessian_optax._sharpness import adahessian_preconditioner
 from adahessian_optax._sharpness import adam_preconditioner
@@ -69,6 +71,7 @@ __all__ = (
     "ConvWindowMean",
     "DatasetLoss",
     "Eigenpairs",
+    "filter_normalized_direction",
     "ggn",
     "GGN",
     "hessian_eigenvalues",
@@ -83,6 +86,7 @@ __all__ = (
     "LanczosInfo",
     "layer_summary",
     "LayerSummary",
+    "loss_landscape",
     "masked_value_fn",
     "mean_over_axes",
     "MeanOverAxes",

@@ -1,6 +1,7 @@
 """The examples run end to end (``--smoke``), so that they cannot rot."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,3 +80,16 @@ def test_equinox_cnn_smoke(tmp_path):
   stdout = _run("equinox_cnn.py", tmp_path)
   assert "| AdaHessian |" in stdout and "| AdamW |" in stdout
   assert (tmp_path / "equinox_cnn_loss.png").stat().st_size > 10_000
+
+
+def test_landscape_smoke(tmp_path):
+  stdout = _run("landscape.py", tmp_path)
+  assert "top eigenvalues:" in stdout
+  for plot in ("landscape_1d.png", "landscape_2d.png"):
+    assert 10_000 < (tmp_path / plot).stat().st_size < 150_000
+  r = json.loads((tmp_path / "landscape.json").read_text())
+  assert r["eigenvalues"][0] >= r["eigenvalues"][1] > 0
+  assert len(r["loss_along_v1"]) == len(r["alphas"]) == 11
+  assert all(math.isfinite(v) for row in r["plane"] for v in row)
+  # The curve's minimum over the grid is at most its value at 0.
+  assert min(r["loss_along_v1"]) <= r["loss_along_v1"][5]
