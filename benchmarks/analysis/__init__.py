@@ -1,2 +1,2 @@
-"""The Hessian analysis tools against the exact Hessian and PyHessian
-(``docs/analysis.md``)."""
+"""The Hessian analysis tools against the exact Hessian, PyHessian and
+hessian-eigenthings (``docs/analysis.md``)."""

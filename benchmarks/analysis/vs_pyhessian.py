@@ -39,18 +39,17 @@ Usage (from the repository root)::
 
 import argparse
 import os
-import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.flatten_util import ravel_pytree
-from sklearn.datasets import load_digits
 
 import adahessian_optax as aho
+from benchmarks.analysis import peers
+from benchmarks.analysis import problems
+from benchmarks.analysis.problems import errors
+from benchmarks.analysis.problems import loss_fn
 from benchmarks.common import models
 from benchmarks.common import report
 from benchmarks.common import timing
@@ -71,82 +70,8 @@ def parse_args(argv=None):
 
 
 TOL = 1e-4
-UNIT_BLOCK_S = 0.1  # seconds per timed block of one HVP, of one gradient
 TASKS = ("top-1", "top-5", "trace", "trace hutch++", "esd 10x50",
          "esd 1x100")
-
-
-def loss_fn(name, params, batch):
-  """Cross-entropy of the exact-Hessian network `name` (common.models)."""
-  x, y = batch
-  return optax.softmax_cross_entropy_with_integer_labels(
-      models.small_apply(name, params, x), y).mean()
-
-
-# --------------------------------------------------------------------------
-# Data, training and the exact Hessian.
-
-
-def load_data():
-  images, labels = load_digits(return_X_y=True)
-  images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-  return images, labels.astype(np.int32)
-
-
-def train(name, params, batch, steps=200):
-  tx = optax.adam(1e-2)
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(lambda p: loss_fn(name, p, batch))(params)
-    updates, state = tx.update(grads, state)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params
-
-
-def exact_hessian(value_fn, params, chunk=64):
-  """The dense Hessian in float64, built from HVPs in chunks of columns."""
-  flat, unravel = ravel_pytree(params)
-  grad = jax.grad(lambda f: value_fn(unravel(f)))
-  columns = jax.jit(jax.vmap(lambda v: jax.jvp(grad, (flat,), (v,))[1]))
-  eye = np.eye(flat.size, dtype=np.float32)
-  hess = np.concatenate([np.asarray(columns(eye[i:i + chunk]), np.float64)
-                         for i in range(0, flat.size, chunk)])
-  return (hess + hess.T) / 2
-
-
-# --------------------------------------------------------------------------
-# The measurements.
-
-
-def density_l1(nodes, weights, exact_eigs, sigma):
-  """L1 distance of two Gaussian-smoothed spectra on a common grid."""
-  low, high = exact_eigs.min() - 5 * sigma, exact_eigs.max() + 5 * sigma
-  grid = np.linspace(low, high, 4001)
-  got = np.asarray(aho.SpectralDensity(jnp.asarray(nodes, jnp.float32),
-                                       jnp.asarray(weights, jnp.float32))
-                   .density(grid, sigma), np.float64)
-  exact = aho.SpectralDensity(
-      jnp.asarray(exact_eigs[None], jnp.float32),
-      jnp.full((1, exact_eigs.size), 1 / exact_eigs.size)).density(grid, sigma)
-  return float(np.trapezoid(np.abs(got - np.asarray(exact, np.float64)),
-                            grid))
-
-
-def errors(task, result, exact_eigs, sigma):
-  top = exact_eigs[::-1]
-  if task.startswith("top"):
-    k = int(task.split("-")[1])
-    values = np.sort(np.asarray(result, np.float64))[::-1][:k]
-    return float(np.max(np.abs(values - top[:k]) / np.abs(top[:k])))
-  if task.startswith("trace"):
-    trace = exact_eigs.sum()
-    return float(abs(float(result) - trace) / abs(trace))
-  return density_l1(*result, exact_eigs, sigma)
 
 
 def jax_tasks(quick):
@@ -156,9 +81,8 @@ def jax_tasks(quick):
 
   def top(k):
     def fn(value_fn, p):
-      values, _, info = aho.hessian_eigenvalues(value_fn, p, 0, k=k, tol=TOL,
-                                                return_info=True)
-      return values, info.num_steps
+      values, _, info = aho.hessian_eigenvalues(value_fn, p, 0, k=k, tol=TOL)
+      return values, info.n_steps
     return fn
 
   def trace(method):
@@ -167,11 +91,11 @@ def jax_tasks(quick):
       return t.estimate, n_trace
     return fn
 
-  def spectrum(num_probes, num_steps):
+  def spectrum(n_samples, n_steps):
     def fn(value_fn, p):
-      s = aho.hessian_spectrum(value_fn, p, 0, num_probes=num_probes,
-                               num_steps=num_steps)
-      return (s.nodes, s.weights), num_probes * num_steps
+      s = aho.hessian_spectrum(value_fn, p, 0, n_samples=n_samples,
+                               n_steps=n_steps)
+      return (s.nodes, s.weights), n_samples * n_steps
     return fn
 
   return {"top-1": top(1), "top-5": top(5), "trace": trace("hutchinson"),
@@ -183,12 +107,8 @@ def timed(tasks: dict, rounds: int, clock, hvp=None, grad=None) -> dict:
   """Each task's median seconds, and with `hvp` and `grad` (units of one
   product and one gradient) its time in HVPs and in gradients, as medians
   of within-round ratios; name -> dict, ``"hvp"`` and ``"grad"`` too."""
-  units = [timing.Variant(n, u) for n, u in (("hvp", hvp), ("grad", grad))
-           if u is not None]
-  # A task is warmed once, then timed one call per round.
-  work = [timing.Variant(name, unit, block_s=0)
-          for name, unit in tasks.items()]
-  by = timing.measure(units + work, rounds, UNIT_BLOCK_S, clock)
+  units = {n: u for n, u in (("hvp", hvp), ("grad", grad)) if u is not None}
+  by = problems.timed(tasks, rounds, clock, units)
   out = {}
   for name in by:
     out[name] = {"seconds": timing.median_s(by[name])}
@@ -240,45 +160,6 @@ def measure_jax(name, params, batch, exact_eigs, sigma, args, clock):
   return out
 
 
-def pyhessian_available():
-  try:
-    import pyhessian  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
-
-
-def _patch_pyhessian():
-  """torch.eig for PyHessian 0.1's density, and an HVP counter."""
-  import torch  # pylint: disable=import-outside-toplevel
-  module = sys.modules["pyhessian.hessian"]
-
-  def eig(t, eigenvectors=False):
-    values, vectors = torch.linalg.eigh(t)
-    return torch.stack([values, torch.zeros_like(values)], 1), vectors
-
-  torch.eig = eig
-  counter = {"hvps": 0}
-  if not hasattr(module, "_counted"):
-    original = module.hessian_vector_product
-
-    def counted(*a, **kw):
-      counter["hvps"] += 1
-      return original(*a, **kw)
-
-    module.hessian_vector_product = counted
-    module._counted = counter  # pylint: disable=protected-access
-    original_loader = module.hessian.dataloader_hv_product
-
-    def counted_loader(self, v):
-      counter["hvps"] += 1
-      return original_loader(self, v)
-
-    module.hessian.dataloader_hv_product = counted_loader
-  return module._counted  # pylint: disable=protected-access
-
-
 def pyhessian_tasks(quick):
   n_trace = 12 if quick else 100
   esd = (2, 10) if quick else (10, 50)
@@ -298,19 +179,10 @@ def pyhessian_tasks(quick):
 def measure_pyhessian(name, params, batch, exact_eigs, sigma, args, clock):
   import torch  # pylint: disable=import-outside-toplevel
   import pyhessian  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(args.threads)
-  # PyHessian 0.1 builds its graph with loss.backward(create_graph=True).
-  warnings.filterwarnings("ignore", "Using backward", UserWarning)
-  counter = _patch_pyhessian()
-  model = models.small_torch(name, params)
-  x, y = (torch.tensor(np.asarray(a)) for a in batch)
-  y = y.long()
-  criterion = torch.nn.CrossEntropyLoss()
-  jax_loss = float(loss_fn(name, params, batch))
-  with torch.no_grad():
-    torch_loss = float(criterion(model(x), y))
-  assert abs(jax_loss - torch_loss) < 1e-5 * max(1, jax_loss), (jax_loss,
-                                                                 torch_loss)
+  counter = peers.patch_pyhessian()
+  tp = peers.TorchProblem(problems.Problem(name, params, batch, exact_eigs),
+                          args.threads)
+  model, criterion, (x, y) = tp.model, tp.criterion, tp.data
 
   def run(task_fn):
     torch.manual_seed(0)  # its random start vectors and probes
@@ -371,9 +243,8 @@ def measure_dataset(name, params, images, labels, exact_top, args, clock,
   data = aho.DatasetLoss(lambda p, b: loss_fn(name, p, b), batches)
 
   def ours():
-    values, _, info = aho.hessian_eigenvalues(data, params, 0, tol=TOL,
-                                              return_info=True)
-    return values, info.num_steps
+    values, _, info = aho.hessian_eigenvalues(data, params, 0, tol=TOL)
+    return values, info.n_steps
 
   values, steps = ours()
   found = {"jax": (float(values[0]), int(steps))}
@@ -381,7 +252,7 @@ def measure_dataset(name, params, images, labels, exact_top, args, clock,
   if torch_too:
     import torch  # pylint: disable=import-outside-toplevel
     import pyhessian  # pylint: disable=import-outside-toplevel
-    counter = _patch_pyhessian()
+    counter = peers.patch_pyhessian()
     model = models.small_torch(name, params)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.tensor(images),
@@ -478,27 +349,22 @@ def main(args):
   clock = timing.configure(args.threads, with_torch=True)
   if args.repeats is None:
     args.repeats = 1 if args.quick else 7
-  torch_too = not args.no_torch and pyhessian_available()
+  torch_too = not args.no_torch and peers.available("pyhessian")
   print(timing.header())
   if not torch_too:
     print("PyHessian not installed (see docs/analysis.md); JAX only")
-  images, labels = load_data()
+  images, labels = problems.load_data()
   n = 128 if args.quick else 512
-  batch = (jnp.asarray(images[:n]), jnp.asarray(labels[:n]))
+  batch = problems.batch_of(images, labels, n)
   results = {"threads": args.threads, "quick": args.quick,
              "jax": jax.__version__, "batch": n, "models": {}}
   for name in args.models.split(","):
-    params = jax.tree.map(jnp.asarray,
-                          models.small_params(name, np.random.default_rng(0)))
-    params = train(name, params, batch, steps=20 if args.quick else 200)
-    value_fn = lambda p, name=name: loss_fn(name, p, batch)
-    exact_eigs = np.linalg.eigvalsh(exact_hessian(value_fn, params))
-    dim = exact_eigs.size
-    sigma = 0.01 * (exact_eigs.max() - exact_eigs.min())
-    print(f"{name}: {dim} parameters, batch {n}; exact top "
-          f"{exact_eigs[::-1][:3]}, bottom {exact_eigs[:2]}, trace "
-          f"{exact_eigs.sum():.4f}", flush=True)
-    result = {"parameters": dim, "exact_top5": exact_eigs[::-1][:5].tolist(),
+    problem = problems.make_problem(name, batch, args.quick)
+    params, exact_eigs, sigma = (problem.params, problem.hessian_eigs,
+                                 problem.sigma)
+    print(problem.describe(), flush=True)
+    result = {"parameters": problem.dim,
+              "exact_top5": exact_eigs[::-1][:5].tolist(),
               "exact_trace": float(exact_eigs.sum()),
               "jax": measure_jax(name, params, batch, exact_eigs, sigma, args,
                                  clock)}
@@ -509,7 +375,7 @@ def main(args):
       for target, met in result["targets"].items():
         print(f"  target {target}: {'met' if met else 'NOT met'}")
     if not args.quick:
-      data_top = np.linalg.eigvalsh(exact_hessian(
+      data_top = np.linalg.eigvalsh(problems.exact_hessian(
           lambda p, name=name: loss_fn(name, p, (jnp.asarray(images),
                                                  jnp.asarray(labels))),
           params))[-1]
