@@ -24,6 +24,10 @@ from adahessian_optax._ggn import ggn
 from adahessian_optax._ggn import GGN
 from adahessian_optax._ggn import SoftmaxCrossEntropy
 from adahessian_optax._ggn import SquaredError
+from adahessian_optax._gnb import gnb_diagonal
+from adahessian_optax._gnb import gnb_estimator
+from adahessian_optax._gnb import GNBResult
+from adahessian_optax._gnb import GNBState
 from adahessian_optax._hutchinson import HessianEstimate
 from adahessian_optax._hutchinson import hutchinson_diagonal
 from adahessian_optax._hutchinson import hutchinson_estimator
@@ -74,6 +78,10 @@ __all__ = (
     "filter_normalized_direction",
     "ggn",
     "GGN",
+    "gnb_diagonal",
+    "gnb_estimator",
+    "GNBResult",
+    "GNBState",
     "hessian_eigenvalues",
     "hessian_spectrum",
     "hessian_trace",

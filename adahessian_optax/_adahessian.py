@@ -32,8 +32,9 @@ class ScaleByAdaHessianState(NamedTuple):
     hessian_count: number of Hessian refreshes (bias correction of ``nu``).
     nonfinite_hessian_count: number of refreshes whose estimate was not finite
       and was discarded.
-    estimator: the :class:`HutchinsonState` of the estimator (its key, split
-      at every refresh, and its configuration).
+    estimator: the estimator's state, a :class:`HutchinsonState` or a
+      :class:`GNBState` (its key, split at every refresh, and its
+      configuration).
     mu: EMA of the gradient.
     nu: EMA of the squared, spatially averaged absolute Hessian diagonal (at
       least float32).
@@ -42,7 +43,7 @@ class ScaleByAdaHessianState(NamedTuple):
   count: jax.Array
   hessian_count: jax.Array
   nonfinite_hessian_count: jax.Array
-  estimator: _hutchinson.HutchinsonState
+  estimator: _hutchinson.EstimatorState
   mu: optax.Updates
   nu: optax.Updates
 
@@ -53,7 +54,7 @@ class _Curvature(NamedTuple):
   nu: list
   hessian_count: jax.Array
   nonfinite_hessian_count: jax.Array
-  estimator: _hutchinson.HutchinsonState
+  estimator: _hutchinson.EstimatorState
 
 
 def _resolve_estimator(estimator, key, n_samples, distribution, axis_name):
@@ -71,11 +72,12 @@ def _resolve_estimator(estimator, key, n_samples, distribution, axis_name):
     raise ValueError(
         f"scale_by_adahessian got estimator= and also {', '.join(given)}; "
         "the estimator holds its key, n_samples, distribution and axis_name: "
-        "set them in aho.hutchinson_estimator(...) only")
+        "set them in aho.hutchinson_estimator(...) (or "
+        "aho.gnb_estimator(...)) only")
   if not isinstance(estimator, optax.GradientTransformation):
     raise TypeError(
-        "estimator must be aho.hutchinson_estimator(...), got "
-        f"{type(estimator).__name__}")
+        "estimator must be aho.hutchinson_estimator(...) or "
+        f"aho.gnb_estimator(...), got {type(estimator).__name__}")
   return estimator
 
 
@@ -177,13 +179,13 @@ def dispatch(refresh, refresh_fn, curvature: _Curvature) -> _Curvature:
 
 
 def _estimate_fn(params, value_fn, obj_fn, hessian, estimator):
-  """`HutchinsonState -> (diagonal, next state)`, from the estimate given or
+  """`estimator state -> (diagonal, next state)`, from the estimate given or
   from the loss closure."""
   if hessian is None:
     fn = _checks.check_value_fn(value_fn, obj_fn, "scale_by_adahessian.update")
 
     def from_closure(state):
-      result, state = _hutchinson.estimate(fn, params, state)
+      result, state = state.estimate(fn, params, fused=False)
       return result.diagonal, state
     return from_closure
   if value_fn is not None or obj_fn is not None:
@@ -290,7 +292,9 @@ def scale_by_adahessian(
 
   With gradient :math:`g_t` and a Hutchinson estimate of the Hessian diagonal
   (:func:`hutchinson_diagonal`), spatially averaged per leaf after taking
-  absolute values, :math:`D_t = \mathrm{avg}(|\frac1S \sum_s z_s \odot H z_s|)`:
+  absolute values, :math:`D_t = \mathrm{avg}(|\frac1S \sum_s z_s \odot H z_s|)`
+  (or, with ``estimator=aho.gnb_estimator(...)``, of the never-negative
+  Gauss-Newton-Bartlett estimate of the GGN diagonal, :func:`gnb_diagonal`):
 
   .. math::
     \begin{align*}
@@ -340,7 +344,9 @@ def scale_by_adahessian(
       ``estimator=aho.hutchinson_estimator(key, ...)``. The same key gives
       the same run.
     estimator: the Hutchinson estimator, :func:`hutchinson_estimator`, which
-      holds the key, ``n_samples``, ``distribution`` and ``axis_name``. Give
+      holds the key, ``n_samples``, ``distribution`` and ``axis_name``, or
+      the Gauss-Newton-Bartlett estimator of the GGN diagonal,
+      :func:`gnb_estimator` (then ``value_fn`` is an :func:`ggn` loss). Give
       either this or ``key`` (and those three).
     spatial_averaging: ``None`` (off), a :class:`SpatialRule`, a pytree prefix
       of params with a rule or ``None`` at each node, or a function
@@ -388,9 +394,10 @@ def scale_by_adahessian(
   def init_fn(params):
     _spatial.resolve_rules(spatial_averaging, params)
     estimator_state = estimator.init(params)
-    if not isinstance(estimator_state, _hutchinson.HutchinsonState):
+    if not isinstance(estimator_state, _hutchinson.EstimatorState):
       raise TypeError(
-          "estimator must be aho.hutchinson_estimator(...); its init returned "
+          "estimator must be aho.hutchinson_estimator(...) or "
+          "aho.gnb_estimator(...); its init returned "
           f"{type(estimator_state).__name__}")
     split = _tree.FloatLeaves.of(params)
     leaves = split.select(params)
@@ -531,7 +538,8 @@ def adahessian(
       returning one, selecting the leaves to decay.
     hessian_power: :math:`k \in [0, 1]`.
     key: an int seed or JAX PRNG key for the probes (or give ``estimator``).
-    estimator: the Hutchinson estimator, :func:`hutchinson_estimator`.
+    estimator: the Hutchinson estimator, :func:`hutchinson_estimator`, or
+      the Gauss-Newton-Bartlett estimator, :func:`gnb_estimator`.
     spatial_averaging: per-leaf averaging rules, see
       :func:`scale_by_adahessian`.
     update_interval: refresh the Hessian estimate every this many steps, or

@@ -5,6 +5,11 @@ The estimator's configuration (``n_samples``, ``distribution``,
 as static fields. Every verb (the plain and the fused AdaHessian step,
 Sophia's ``hessian_diagonal_fn``, :func:`hutchinson_diagonal`) reads it from
 there and advances the key in one place, :func:`estimate`.
+
+The protocol of AdaHessian's ``estimator=`` and of the fused step is here
+too: an estimator's state is an :class:`EstimatorState`, which makes its own
+estimate (:meth:`EstimatorState.estimate`); :class:`HutchinsonState` and the
+Gauss-Newton-Bartlett estimator's ``GNBState`` are the two kinds.
 """
 
 import dataclasses
@@ -21,9 +26,30 @@ from adahessian_optax import _probes
 from adahessian_optax import _tree
 
 
+class EstimatorState:
+  """The state of a Hessian-diagonal estimator, as ``estimator=`` takes it.
+
+  A subclass is a registered pytree dataclass whose only array is its key
+  and whose configuration is static, and it makes its own estimate, so that
+  AdaHessian's plain and fused steps need not know which estimator they
+  hold.
+  """
+
+  def estimate(self, value_fn: Callable[[Any], jax.Array], params: Any, *,
+               fused: bool) -> tuple[Any, "EstimatorState"]:
+    """`((value, grad, diagonal), next state)` at `params`.
+
+    With `fused`, the result's value and gradient are those of
+    :func:`value_grad_and_hessian` (one pass with the diagonal); without,
+    only ``diagonal`` is used (the caller has its own gradient) and the
+    estimator may skip the rest.
+    """
+    raise NotImplementedError
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class HutchinsonState:
+class HutchinsonState(EstimatorState):
   """State of a Hutchinson estimator: its key and its configuration.
 
   Only ``key`` is an array; the configuration is static (part of the pytree
@@ -43,8 +69,12 @@ class HutchinsonState:
   axis_name: Optional[str] = dataclasses.field(default=None,
                                                metadata={"static": True})
 
+  def estimate(self, value_fn, params, *, fused):
+    return estimate(value_fn, params, self, barrier=fused)
 
-def _register_with_flax_serialization() -> None:
+
+def register_with_flax_serialization(cls: type) -> None:
+  """Registers an estimator state whose only array is `key` with Flax."""
   # flax.serialization (msgpack) keeps unregistered classes as opaque leaves;
   # registered, the state is saved as {"key": ...}, as a NamedTuple would be.
   try:
@@ -52,13 +82,13 @@ def _register_with_flax_serialization() -> None:
   except ImportError:
     return
   serialization.register_serialization_state(
-      HutchinsonState,
+      cls,
       lambda s: {"key": serialization.to_state_dict(s.key)},
       lambda s, d: dataclasses.replace(
           s, key=serialization.from_state_dict(s.key, d["key"])))
 
 
-_register_with_flax_serialization()
+register_with_flax_serialization(HutchinsonState)
 
 
 def init_state(key: Any, *, n_samples: Any = 1,
@@ -265,33 +295,36 @@ class HessianEstimate:
 
   Pass it as ``tx.update(grads, state, params, hessian=estimate)``: the
   transformation takes the diagonal and the advanced estimator state from it,
-  so the fused and the plain step draw the same probes.
+  so the fused and the plain step draw the same probes (or labels).
 
   Attributes:
-    diagonal: the signed estimate :math:`\frac1S\sum_s z_s \odot H z_s`, a
-      pytree like params (at least float32).
-    estimator: the estimator's :class:`HutchinsonState` after this estimate.
+    diagonal: the estimate, a pytree like params (at least float32): the
+      signed Hutchinson estimate :math:`\frac1S\sum_s z_s \odot H z_s`, or
+      the Gauss-Newton-Bartlett estimate of the GGN diagonal
+      (:func:`gnb_diagonal`).
+    estimator: the estimator's state after this estimate
+      (:class:`HutchinsonState` or :class:`GNBState`).
   """
 
   diagonal: Any
-  estimator: HutchinsonState
+  estimator: EstimatorState
 
 
 def _is_state(x: Any) -> bool:
-  return isinstance(x, HutchinsonState)
+  return isinstance(x, EstimatorState)
 
 
-def find_state(opt_state: Any, owner: str) -> HutchinsonState:
-  """The one :class:`HutchinsonState` in `opt_state`."""
+def find_state(opt_state: Any, owner: str) -> EstimatorState:
+  """The one estimator state (of any kind) in `opt_state`."""
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state)
            if _is_state(x)]
   if len(found) != 1:
     what = "no" if not found else f"{len(found)}"
     raise ValueError(
-        f"{owner}: opt_state holds {what} HutchinsonState (the state of a "
-        "Hutchinson estimator); pass the state of an optimizer with exactly "
-        "one AdaHessian (for several, pass the part of the state that "
-        "belongs to the one being refreshed)")
+        f"{owner}: opt_state holds {what} HutchinsonState or GNBState (the "
+        "state of a Hessian-diagonal estimator); pass the state of an "
+        "optimizer with exactly one AdaHessian (for several, pass the part of "
+        "the state that belongs to the one being refreshed)")
   return found[0]
 
 
@@ -319,7 +352,11 @@ def value_grad_and_hessian(
   ``n_samples``, ``distribution``, ``axis_name``) is read from ``opt_state``,
   which must hold exactly one, and the estimate carries the advanced state
   back to ``update``, so the fused and the plain call
-  (``update(..., value_fn=...)``) give the same run. Calling this function
+  (``update(..., value_fn=...)``) give the same run. With a
+  Gauss-Newton-Bartlett estimator (:func:`gnb_estimator`, state
+  :class:`GNBState`) ``value_fn`` is an :func:`ggn` loss and the pass is
+  one forward pass and the backward passes of the true and the sampled
+  labels (:func:`gnb_diagonal`); no second derivative. Calling this function
   is a refresh: with ``update_interval=1`` call it on every step; to refresh
   every ``k`` steps construct the optimizer with ``update_interval=None``
   and call it on the refresh steps only, using :func:`jax.value_and_grad`
@@ -327,7 +364,8 @@ def value_grad_and_hessian(
   Hessian guide).
 
   Args:
-    value_fn: the loss closure, ``params -> scalar``.
+    value_fn: the loss closure, ``params -> scalar`` (for the
+      Gauss-Newton-Bartlett estimator, ``aho.ggn(output_fn, output_loss)``).
     params: the params, as given to ``tx.update``.
     opt_state: the optimizer state (or the part of it that holds the
       estimator's state).
@@ -361,5 +399,5 @@ def value_grad_and_hessian(
   state = find_state(opt_state, "value_grad_and_hessian")
   _checks.check_params("value_grad_and_hessian", params)
   value_fn = _checks.check_value_fn(value_fn, None, "value_grad_and_hessian")
-  result, state = estimate(value_fn, params, state, barrier=True)
+  result, state = state.estimate(value_fn, params, fused=True)
   return result.value, result.grad, HessianEstimate(result.diagonal, state)

@@ -12,8 +12,19 @@ the others a plain gradient; the two programs are chosen on the host
 (``update_interval=None``). :class:`adahessian_optax.TrainState` passes the
 estimate through ``apply_gradients``.
 
+Two more optimizers on request use the Gauss-Newton-Bartlett estimator of
+the GGN diagonal (``aho.gnb_estimator``), for which the loss is given as
+``aho.ggn(model outputs, aho.SoftmaxCrossEntropy(next characters))``:
+``Sophia-G`` is ``optax.contrib.sophia`` with it as ``hessian_diagonal_fn``
+(the Sophia paper's Sophia-G, its estimate refreshed every
+``--hessian-interval`` steps inside Sophia's own ``lax.cond``), and
+``AdaHessian-GNB`` is AdaHessian with it as ``estimator`` (the fused step
+then costs one forward and two backward passes).
+
     python examples/char_lm.py            # the comparison, a few minutes
     python examples/char_lm.py --smoke    # a few seconds, for tests
+    python examples/char_lm.py --optimizers AdaHessian AdaHessian-GNB \
+        Sophia-G AdamW                    # with the GNB estimator
 """
 
 import argparse
@@ -114,14 +125,35 @@ def loss_fn(params, apply_fn, batch):
       logits, batch[:, 1:]).mean()
 
 
+def ggn_loss(params, apply_fn, batch):
+  """The same loss as ``loss_fn``, as model outputs and a loss of them: the
+  form the Gauss-Newton-Bartlett estimator draws labels from."""
+  return aho.ggn(lambda p: apply_fn({"params": p}, batch[:, :-1]),
+                 aho.SoftmaxCrossEntropy(batch[:, 1:]))
+
+
+GNB_OPTIMIZERS = ("AdaHessian-GNB", "Sophia-G")
+
+
 def make_tx(name, lr, steps, args):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, lr, warmup_steps=max(1, steps // 10), decay_steps=steps)
-  if name == "AdaHessian":
+  if name in ("AdaHessian", "AdaHessian-GNB"):
     # update_interval=None: the training loop decides each refresh.
+    # The GNB estimate has no off-diagonal noise to inflate it (Hutchinson's
+    # |z * Hz| has) and a chi-square spread near zero: clip the update, as
+    # Sophia does and as the AdaHessian docs advise for delayed refreshes.
+    options = (dict(estimator=aho.gnb_estimator(key=args.seed),
+                    clip_threshold=0.1)
+               if name == "AdaHessian-GNB" else dict(key=args.seed))
     return aho.adahessian(schedule, weight_decay=args.weight_decay,
-                          key=args.seed, spatial_averaging=spatial_rules,
-                          update_interval=None)
+                          spatial_averaging=spatial_rules,
+                          update_interval=None, **options)
+  if name == "Sophia-G":
+    return optax.contrib.sophia(
+        schedule, weight_decay=args.weight_decay,
+        update_interval=args.hessian_interval,
+        hessian_diagonal_fn=aho.gnb_estimator(key=args.seed))
   return optax.adamw(schedule, weight_decay=args.weight_decay)
 
 
@@ -136,11 +168,19 @@ def train(name, lr, data, model, val_loss, args, progress=True):
                       jnp.zeros((1, args.context), jnp.int32))["params"]
   state = aho.TrainState.create(apply_fn=model.apply, params=params,
                                 tx=make_tx(name, lr, args.steps, args))
-  uses_hessian = name == "AdaHessian"
+  uses_hessian = name in ("AdaHessian", "AdaHessian-GNB")
 
   @functools.partial(jax.jit, static_argnames="refresh")
   def train_step(state, batch, refresh):
-    value_fn = functools.partial(loss_fn, apply_fn=state.apply_fn, batch=batch)
+    value_fn = functools.partial(
+        ggn_loss if name in GNB_OPTIMIZERS else loss_fn,
+        apply_fn=state.apply_fn, batch=batch)
+    if name in GNB_OPTIMIZERS:
+      value_fn = value_fn(state.params)  # an aho.GGN: callable on params
+    if name == "Sophia-G":
+      # Sophia decides its refreshes itself and takes the loss on every step.
+      loss, grads = jax.value_and_grad(value_fn)(state.params)
+      return state.apply_gradients(grads=grads, value_fn=value_fn), loss
     if uses_hessian and refresh:
       # The fused step: loss, gradient and estimate from one pass.
       loss, grads, hessian = aho.value_grad_and_hessian(
@@ -214,13 +254,15 @@ def main(argv=None):
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--adahessian-lr", type=float, default=0.3)
   parser.add_argument("--adamw-lr", type=float, default=1e-2)
+  parser.add_argument("--adahessian-gnb-lr", type=float, default=0.03)
+  parser.add_argument("--sophia-lr", type=float, default=1e-3)
   parser.add_argument("--weight-decay", type=float, default=1e-4)
   parser.add_argument("--hessian-interval", type=int, default=2)
   parser.add_argument("--eval-every", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--optimizers", nargs="+",
                       default=["AdaHessian", "AdamW"],
-                      choices=["AdaHessian", "AdamW"])
+                      choices=["AdaHessian", "AdamW", *GNB_OPTIMIZERS])
   parser.add_argument("--smoke", action="store_true",
                       help="tiny run for tests; does not touch docs/")
   parser.add_argument("--no-progress", action="store_true")
@@ -248,10 +290,13 @@ def main(argv=None):
       train(name, lr, (ids[:split], val_batches), model, val_loss, args,
             progress=not args.no_progress)
       for name, lr in (("AdaHessian", args.adahessian_lr),
+                       ("AdaHessian-GNB", args.adahessian_gnb_lr),
+                       ("Sophia-G", args.sophia_lr),
                        ("AdamW", args.adamw_lr))
       if name in args.optimizers
   ]
-  adamw = results[-1]["ms_per_step"]
+  adamw = next((r["ms_per_step"] for r in results if r["name"] == "AdamW"),
+               results[-1]["ms_per_step"])
   print(f"\n{len(ids):,} characters of stdlib source, vocabulary "
         f"{len(vocab)}; {args.steps} steps of {args.batch_size}x"
         f"{args.context} characters")
