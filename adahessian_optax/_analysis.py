@@ -315,6 +315,11 @@ def _product_of(product: Any, leaves: list, v: list) -> list:
 _tangent_pass = jax.jit(_product_of)
 
 
+def _jittable(matvec: Any) -> bool:
+  """Whether `matvec` is a Partial a jitted loop step can take as argument."""
+  return isinstance(matvec, jax.tree_util.Partial)
+
+
 # (leaf avals and shardings, jaxpr texts) -> jitted linearization, the
 # newest _HOST_PROGRAMS: a closure made afresh for each call (a new lambda)
 # finds the program of an earlier one that traced the same.
@@ -362,8 +367,9 @@ def _host_closure(value_fn: Any, leaves: list) -> Any:
   _HOST_PRODUCTS[signature] = step  # newest last
   while len(_HOST_PRODUCTS) > _HOST_PROGRAMS:
     _HOST_PRODUCTS.popitem(last=False)
-  product = step(consts, leaves)
-  return lambda v: _tangent_pass(product, leaves, v)
+  # A Partial, so that each step of the Python loops (product, Lanczos
+  # update and stopping test) can run as one program.
+  return jax.tree_util.Partial(_tangent_pass, step(consts, leaves), leaves)
 
 
 @jax.jit
@@ -371,11 +377,20 @@ def _times(scale: list, v: list) -> list:
   return [x if s is None else x * s.astype(x.dtype) for s, x in zip(scale, v)]
 
 
+def _scale_apply(matvec, scale, v):
+  return _times(scale, matvec(_times(scale, v)))
+
+
+_scale_step = jax.jit(_scale_apply)
+
+
 def _scaled(matvec: Callable[[list], list], scale: list) -> Callable:
   """`v -> S matvec(S v)` for the diagonal `S` (None: the identity)."""
   if all(s is None for s in scale):
     return matvec
-  return lambda v: _times(scale, matvec(_times(scale, v)))
+  if _jittable(matvec):
+    return jax.tree_util.Partial(_scale_step, matvec, scale)
+  return functools.partial(_scale_apply, matvec, scale)
 
 
 def _inverse_sqrt(preconditioner: Any, params: Any, split: _tree.FloatLeaves,
@@ -448,8 +463,17 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
                    _lanczos.TRACED)
 
 
+def _negate_apply(matvec, v):
+  return _lanczos.scale(matvec(v), -1)
+
+
+_negate_step = jax.jit(_negate_apply)
+
+
 def _negated(op: _Operator) -> _Operator:
-  return op._replace(matvec=lambda v: _lanczos.scale(op.matvec(v), -1))
+  if _jittable(op.matvec):
+    return op._replace(matvec=jax.tree_util.Partial(_negate_step, op.matvec))
+  return op._replace(matvec=functools.partial(_negate_apply, op.matvec))
 
 
 @functools.partial(jax.jit, static_argnames=("distribution",))
@@ -541,9 +565,19 @@ class HessianTrace(NamedTuple):
   samples: jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("distribution",))
+def _probe_sample(matvec, key, leaves, mask, distribution):
+  """`(key, <z_l, (Hz)_l>)` for the next probe, as one program."""
+  key, z = _next_probe(key, leaves, distribution)
+  z = [v if m is None else v * m.astype(v.dtype) for v, m in zip(z, mask)]
+  return key, _lanczos.leaf_dots(z, matvec(z))
+
+
 def _hutchinson(op: _Operator, key: jax.Array, n: int, distribution: str):
   """Per-leaf samples `<z_l, (Hz)_l>`, shape `(n, leaves)`."""
   def one(key):
+    if op.loops is _lanczos.HOST and _jittable(op.matvec):
+      return _probe_sample(op.matvec, key, op.leaves, op.mask, distribution)
     key, z = _draw(op, key, distribution)
     return key, _lanczos.leaf_dots(z, op.matvec(z))
 

@@ -75,9 +75,20 @@ class SoftmaxCrossEntropy:
     return max(1, int(logits.size // logits.shape[-1]))
 
   def sample(self, key: jax.Array, logits: jax.Array) -> "SoftmaxCrossEntropy":
-    """The same loss with labels drawn from ``softmax(logits)``."""
+    """The same loss with labels drawn from ``softmax(logits)``.
+
+    By inverse CDF, one uniform number per position: Gumbel-max
+    (``jax.random.categorical``) takes a logarithm per class, 13 ms against
+    2.7 ms for 16 x 64 x 512 logits on one CPU core.
+    """
     logits = jax.lax.stop_gradient(logits)
-    return SoftmaxCrossEntropy(jax.random.categorical(key, logits, axis=-1))
+    logits = logits.astype(_wide(logits.dtype))
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cumulative = jnp.cumsum(weights, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), cumulative.dtype)
+    labels = jnp.sum(cumulative <= u * cumulative[..., -1:], axis=-1,
+                     dtype=jnp.int32)
+    return SoftmaxCrossEntropy(jnp.minimum(labels, logits.shape[-1] - 1))
 
 
 @jax.tree_util.register_dataclass

@@ -231,10 +231,24 @@ def absorb(state: Krylov, i: Any, w: list) -> Krylov:
   return Krylov(basis, alpha, beta, state.restarts + broke.astype(jnp.int32))
 
 
+def _fused(loops: Loops, matvec: Any) -> bool:
+  """Whether Python loops run each step as one program: when the matvec is a
+  Partial of jitted products, which the step's program can take as an
+  argument (one dispatch a step instead of four)."""
+  return loops is HOST and isinstance(matvec, jax.tree_util.Partial)
+
+
+@jax.jit
+def _product_step(matvec, state: Krylov, i: Any) -> Krylov:
+  return absorb(state, i, matvec(row(state.basis, i)))
+
+
 def lanczos(matvec: Callable[[list], list], v0: list, num_steps: int,
             loops: Loops) -> Krylov:
   """`num_steps` Lanczos steps from `v0`: one matvec each."""
   def body(i, state):
+    if _fused(loops, matvec):
+      return _product_step(matvec, state, i)
     return absorb(state, i, matvec(row(state.basis, i)))
 
   return loops.fori_loop(0, num_steps, body, start(v0, num_steps))
@@ -336,6 +350,8 @@ def lanczos_until_converged(matvec: Callable[[list], list], v0: list,
 
   def body(carry):
     state, n, _ = carry
+    if _fused(loops, matvec):
+      return _product_step_and_check(matvec, state, n, k, tol, dim)
     return _step_and_check(state, n, matvec(row(state.basis, n)), k, tol,
                            dim)
 
@@ -356,6 +372,11 @@ def _running(n, done, max_steps, alpha):
 def _step_and_check(state, n, w, k, tol, dim):
   state = absorb(state, n, w)
   return state, n + 1, converged(state.alpha, state.beta, n + 1, k, tol, dim)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "dim"))
+def _product_step_and_check(matvec, state, n, k, tol, dim):
+  return _step_and_check(state, n, matvec(row(state.basis, n)), k, tol, dim)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
