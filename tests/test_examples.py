@@ -93,3 +93,36 @@ def test_landscape_smoke(tmp_path):
   assert all(math.isfinite(v) for row in r["plane"] for v in row)
   # The curve's minimum over the grid is at most its value at 0.
   assert min(r["loss_along_v1"]) <= r["loss_along_v1"][5]
+
+
+def test_sharpness_smoke(tmp_path):
+  stdout = _run("sharpness.py", tmp_path)
+  assert "| Adam |" in stdout and "| AdaHessian |" in stdout
+  assert 10_000 < (tmp_path / "sharpness.png").stat().st_size < 200_000
+  r = json.loads((tmp_path / "sharpness.json").read_text())
+  assert [x["name"] for x in r["trajectories"]] == [
+      "Adam", "Adam", "AdaHessian", "AdaHessian"]
+  for run in r["trajectories"]:
+    assert len(run["points"]) >= 2
+    for p in run["points"]:
+      assert p["sharpness"] > 0 and p["preconditioned"] > 0
+      assert p["sharpness_products"] >= 1
+      # Warm and cold starts agree once untrustworthy stops are redone.
+      for kind in ("sharpness", "preconditioned"):
+        assert p[kind] == pytest.approx(p[f"{kind}_cold"], rel=0.1)
+  for c in r["cost"]:
+    assert c["calls"] >= 2 and c["plain_s"] > 0 and c["tracked_s"] > 0
+
+
+def test_hawq_smoke(tmp_path):
+  stdout = _run("hawq.py", tmp_path)
+  assert "| HAWQ-V2 (average trace) |" in stdout
+  r = json.loads((tmp_path / "hawq.json").read_text())
+  (seed,) = r["seeds"]
+  assert sorted(seed["mean_trace"]) == ["conv1", "conv2", "dense1", "dense2"]
+  assert sorted(seed["budgets"]) == ["3.0", "4.0"]
+  at4 = seed["budgets"]["4.0"]
+  assert at4["allocations"]["uniform 4 bits"]["bits"] == [4, 4, 4, 4]
+  for a in at4["allocations"].values():
+    assert a["avg_bits"] <= 4 and 0.0 <= a["test_acc"] <= 1.0
+    assert 1 <= a["rank"] <= len(at4["feasible"])
