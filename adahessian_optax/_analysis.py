@@ -399,9 +399,14 @@ def _inverse_sqrt(preconditioner: Any, params: Any, split: _tree.FloatLeaves,
   try:
     values = split.select(preconditioner)
   except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{owner}: preconditioner must be a pytree like params (a positive "
-        f"diagonal P per leaf): {e}") from None
+    # The same leaves in other containers (an nnx.Optimizer's state holds
+    # OptVariable where the params hold Param): matched by position.
+    leaves = jax.tree.leaves(preconditioner)
+    if len(leaves) != split.treedef.num_leaves:
+      raise ValueError(
+          f"{owner}: preconditioner must be a pytree like params (a positive "
+          f"diagonal P per leaf): {e}") from None
+    values = [leaves[i] for i in split.index]
   out = []
   for p, x in zip(values, split.select(params)):
     if _is_concrete(p) and not np.all(np.asarray(p) > 0):

@@ -54,3 +54,25 @@ def test_thresholds_and_errors():
     aho.adam_preconditioner(two)
   with pytest.raises(ValueError, match="ScaleByAdaHessianState"):
     aho.adahessian_preconditioner(optax.adam(0.1).init(jnp.zeros(2)))
+
+
+@pytest.mark.standard_promotion  # optax.adam's own bias correction
+def test_preconditioner_from_an_nnx_optimizer():
+  from flax import nnx
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  x = jnp.arange(12.0).reshape(4, 3) / 10
+  loss = lambda m: jnp.mean(m(x) ** 2)
+  optimizer = nnx.Optimizer(model, optax.adam(0.1, eps=1e-3), wrt=nnx.Param)
+  optimizer.update(model, nnx.grad(loss)(model))
+  graphdef, params = nnx.split(model, nnx.Param)
+  p = aho.adam_preconditioner(optimizer.opt_state, eps=1e-3)
+  value_fn = lambda ps: loss(nnx.merge(graphdef, ps))
+  got = aho.hessian_eigenvalues(value_fn, params, 0, k=1,
+                                preconditioner=p).values
+  flat_p = np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)])
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hess = np.asarray(jax.hessian(lambda f: value_fn(unravel(f)))(flat))
+  s = 1 / np.sqrt(np.concatenate(
+      [np.ravel(v) for v in jax.tree.leaves(unravel(jnp.asarray(flat_p)))]))
+  np.testing.assert_allclose(
+      got, np.linalg.eigvalsh(s[:, None] * hess * s)[-1:], rtol=1e-4)
