@@ -781,9 +781,10 @@ class LanczosInfo(NamedTuple):
     residuals: :math:`\|H y_j - \theta_j y_j\|` for each returned pair,
       shape ``(k,)``; a true eigenvalue lies within it of :math:`\theta_j`.
     n_steps: the Lanczos steps taken, each one Hessian-vector product.
-    converged: whether every residual is at most ``tol`` times the largest
-      :math:`|\theta|` of the run (an estimate of :math:`\|H\|_2`); false
-      when ``n_steps`` ran out first.
+    converged: whether every residual is at most ``tol`` times its own
+      :math:`|\theta_j|` (plus a rounding-level floor, 100 machine epsilons
+      of the largest :math:`|\theta|`); false when ``n_steps`` ran out
+      first.
   """
 
   residuals: jax.Array
@@ -870,8 +871,8 @@ def hessian_eigenvalues(
     \|H y_j - \theta_j y_j\| = |\beta_m\, s_{m,j}|,
 
   read off without another product. Steps continue until the `k` wanted
-  pairs have residuals at most ``tol`` times the largest :math:`|\theta|`
-  (an estimate of :math:`\|H\|_2`), or ``n_steps``; each eigenvalue is
+  pairs have residuals at most ``tol`` times their own :math:`|\theta_j|`
+  (with a floor at rounding level), or ``n_steps``; each eigenvalue is
   then within its residual of a true one (and usually within
   residual\ :sup:`2`/gap). Unlike power iteration (PyHessian), which finds
   the largest :math:`|\lambda|`, this gives the largest algebraic

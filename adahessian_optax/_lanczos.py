@@ -282,8 +282,13 @@ def _converged_at_size(alpha, beta, n, k, tol, dim):
   size = alpha.shape[0]
   index = jnp.arange(size)
   active = index >= size - n
-  bound = tol * jnp.max(jnp.where(active, jnp.abs(theta), 0))
-  wanted = jnp.all(residuals[size - k:] <= bound)
+  # Relative to each pair's own |theta| (ARPACK's test), with a floor at
+  # rounding level: relative to the largest |theta| alone, a Ritz value
+  # inside the spectrum could pass while a larger eigenvalue is still
+  # unseen, when the other end of the spectrum dominates the norm.
+  norm = jnp.max(jnp.where(active, jnp.abs(theta), 0))
+  bound = tol * jnp.abs(theta) + 100 * jnp.finfo(theta.dtype).eps * norm
+  wanted = jnp.all(residuals[size - k:] <= bound[size - k:])
   # After an invariant subspace (beta_i = 0) the run goes on in its
   # complement, where larger eigenvalues may hide, and the pairs found so
   # far all have zero residuals. So never stop on the step that finds one
@@ -296,7 +301,7 @@ def _converged_at_size(alpha, beta, n, k, tol, dim):
   rows = ((index >= first) & (index < n))[:, None]
   in_block = active & (jnp.sum(jnp.where(rows, s ** 2, 0), axis=0) > 0.5)
   top = jnp.argmax(jnp.where(in_block, theta, -jnp.inf))
-  block = ~jnp.any(in_block) | (residuals[top] <= bound)
+  block = ~jnp.any(in_block) | (residuals[top] <= bound[top])
   return (n >= k) & wanted & fresh & block
 
 
@@ -313,8 +318,10 @@ def converged(alpha: jax.Array, beta: jax.Array, n: Any, k: int,
               tol: Any, dim: Any) -> jax.Array:
   """Whether the `k` largest Ritz pairs after `n` steps meet `tol`.
 
-  A pair is converged when its residual is at most `tol` times the largest
-  |Ritz value| (an estimate of ||A||); after a restart (an invariant
+  A pair is converged when its residual is at most `tol` times its own
+  |Ritz value| plus 100 epsilons of the largest (not `tol` times the
+  largest alone: a Ritz value inside the spectrum could pass that while a
+  larger eigenvalue is still unseen); after a restart (an invariant
   subspace found), also the largest pair of the newest block, since the
   complement of the subspace may hold larger eigenvalues. `dim` is the
   dimension of the space. The check runs every step, so the

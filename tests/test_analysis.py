@@ -735,3 +735,17 @@ def test_sharpness_tracked_inside_a_jitted_training_step():
     vectors = top.vectors
   # The last step's warm start against a cold start at the same point.
   assert int(top.info.n_steps) < int(cold.info.n_steps)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_top_eigenvalue_not_taken_from_inside_the_spectrum(warm):
+  # The negative end dominates the norm: a Ritz value near zero once passed
+  # a test relative to the largest |theta| after two products.
+  lam = np.random.default_rng(0).uniform(-0.1, 0.1, 1000)
+  lam[:10] = np.linspace(-2000, -1500, 10)
+  lam[10] = 100.0
+  lam = jnp.asarray(lam, jnp.float32)
+  init = jnp.zeros((1, 1000)).at[0, 500].set(1.0) if warm else None
+  got = aho.hessian_eigenvalues(lambda p: 0.5 * jnp.sum(lam * p ** 2),
+                                jnp.zeros(1000), 0, tol=1e-2, init=init)
+  np.testing.assert_allclose(got.values, [100.0], rtol=1e-2)

@@ -97,11 +97,16 @@ def test_converged_checks_the_leading_block_at_every_size(run, n):
   # block's Ritz values on top.
   np.testing.assert_allclose(
       _lanczos.ritz(state.alpha, state.beta, n)[0][30 - n:], theta, atol=1e-5)
-  residual = np.abs(beta[n - 1] * s[-1, -2:]).max()
-  scale = np.abs(theta).max()
-  for k, tol, want in ((2, 1.01 * residual / scale, True),
-                       (2, 0.99 * residual / scale, False),
-                       (n + 1, 1.0, False)):
+  # Each wanted pair against its own |theta|, plus a rounding-level floor.
+  residuals = np.abs(beta[n - 1] * s[-1, -2:])
+  floor = 100 * np.finfo(np.float32).eps * np.abs(theta).max()
+  needed = np.max((residuals - floor) / np.abs(theta[-2:]))
+  cases = [(n + 1, 1.0, False)]
+  if needed > 0:
+    cases += [(2, 1.01 * needed, True), (2, 0.99 * needed, False)]
+  else:  # below the floor: converged at any tolerance
+    cases += [(2, 1e-12, True)]
+  for k, tol, want in cases:
     got = _lanczos.converged(state.alpha, state.beta, n, k, tol, 40)
     assert bool(got) == want, (k, tol)
 
