@@ -27,7 +27,6 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -92,8 +91,7 @@ def _accumulate_product(loss_fn, split, params, batch, tangent, total,
   """`total + weight * (curvature of the batch's loss) tangent`."""
   leaves = split.select(params)
   restricted = _restricted(loss_fn, params, split)
-  product = _linearize(restricted, leaves, batch)[2]
-  hv = _tree.widen(product(_in_dtypes_of(tangent, leaves)))
+  hv = _product_of(_linearize(restricted, leaves, batch)[2], leaves, tangent)
   return [a + h * jnp.asarray(weight).astype(a.dtype)
           for a, h in zip(total, hv)]
 
@@ -291,16 +289,12 @@ def _dimension(params: Any, owner: str, wrt: Any = None) -> int:
   return _selection(params, wrt, owner)[2]
 
 
-def _jaxpr_fun(jaxpr: Any, consts: list) -> Callable[..., Any]:
-  return lambda *args: jax.extend.core.jaxpr_as_fun(
-      jax.extend.core.ClosedJaxpr(jaxpr, consts))(*args)[0]
-
-
 def _jaxpr_linearized(jaxprs: tuple, consts: tuple, leaves: list) -> Any:
   """The product of a loss traced into `jaxprs` (their captured arrays
   `consts`), linearized: a Partial holding the residuals. One jaxpr is a
   loss of the leaves (its Hessian); two are a GGN's halves."""
-  funs = [_jaxpr_fun(j, c) for j, c in zip(jaxprs, consts)]
+  funs = [functools.partial(_ggn.eval_closed, j, c)
+          for j, c in zip(jaxprs, consts)]
   if len(funs) == 2:
     return _ggn.linearize(_ggn.GGN(lambda ls: funs[0](*ls), funs[1]),
                           leaves)[2]

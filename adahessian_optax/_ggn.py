@@ -290,10 +290,11 @@ def _as_partial(fn: Callable[[jax.Array], jax.Array],
   function can return it without leaking them)."""
   closed = jax.make_jaxpr(fn)(outputs)
   return jax.tree_util.Partial(
-      functools.partial(_eval_closed, closed.jaxpr), closed.consts)
+      functools.partial(eval_closed, closed.jaxpr), closed.consts)
 
 
-def _eval_closed(jaxpr, consts, *args):
+def eval_closed(jaxpr, consts, *args):
+  """The single output of the jaxpr `jaxpr` with its captured `consts`."""
   return jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, consts))(*args)[0]
 
 

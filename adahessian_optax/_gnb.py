@@ -408,19 +408,6 @@ def gnb_estimator(
     Martens, `New insights and perspectives on the natural gradient method
     <https://arxiv.org/abs/1412.1193>`_, JMLR 2020.
   """
-  initial = init_state(key, n_samples=n_samples, fraction=fraction,
-                       axis_name=axis_name)
-
-  def init_fn(params):
-    del params
-    return initial
-
-  def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
-                **extra_args):
-    del updates, extra_args
-    _checks.check_params("gnb_estimator.update", params)
-    fn = _checks.check_value_fn(value_fn, obj_fn, "gnb_estimator.update")
-    result, state = estimate(fn, params, state, fused=False)
-    return optax.tree.cast_like(result.diagonal, params), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _hutchinson.as_transformation(
+      init_state(key, n_samples=n_samples, fraction=fraction,
+                 axis_name=axis_name), "gnb_estimator")

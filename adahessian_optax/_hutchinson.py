@@ -270,8 +270,16 @@ def hutchinson_estimator(
     Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
     Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
   """
-  initial = init_state(key, n_samples=n_samples, distribution=distribution,
-                       axis_name=axis_name)
+  return as_transformation(
+      init_state(key, n_samples=n_samples, distribution=distribution,
+                 axis_name=axis_name), "hutchinson_estimator")
+
+
+def as_transformation(initial: EstimatorState,
+                      owner: str) -> optax.GradientTransformationExtraArgs:
+  """An estimator as a gradient transformation: ``init`` returns `initial`;
+  ``update(updates, state, params, *, value_fn)`` ignores ``updates`` and
+  returns the estimate cast to the params' dtypes, and the next state."""
 
   def init_fn(params):
     del params
@@ -280,9 +288,9 @@ def hutchinson_estimator(
   def update_fn(updates, state, params=None, *, value_fn=None, obj_fn=None,
                 **extra_args):
     del updates, extra_args
-    _checks.check_params("hutchinson_estimator.update", params)
-    fn = _checks.check_value_fn(value_fn, obj_fn, "hutchinson_estimator.update")
-    result, state = estimate(fn, params, state)
+    _checks.check_params(f"{owner}.update", params)
+    fn = _checks.check_value_fn(value_fn, obj_fn, f"{owner}.update")
+    result, state = state.estimate(fn, params, fused=False)
     return optax.tree.cast_like(result.diagonal, params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
