@@ -89,6 +89,9 @@ class Spec:
     refresh_every: refresh the Hessian every this many steps, choosing
       between two compiled steps on the host (``make`` then builds AdaHessian
       with ``update_interval=None``).
+    ggn: give the loss as ``aho.ggn(logits, aho.SoftmaxCrossEntropy(labels))``
+      (for the Gauss-Newton-Bartlett estimator).
+    warmup: the fraction of the steps of linear warmup (default: one epoch).
   """
 
   name: str
@@ -97,6 +100,8 @@ class Spec:
   needs_value_fn: bool = False
   sweep: tuple[float, ...] = ()
   refresh_every: int = 1
+  ggn: bool = False
+  warmup: Optional[float] = None
 
 
 # The learning rates are the study's (python -m benchmarks.study.run --part
@@ -152,7 +157,10 @@ def make_train_step(spec: Spec, graphdef, refresh: Optional[bool] = None):
     if spec.needs_value_fn and refresh is not False:
       # Built before the gradient, so that the Hessian pass draws the same
       # dropout mask and leaves BatchNorm's running averages alone.
-      extra["value_fn"] = aho.nnx_value_fn(loss_fn, model, x, y)
+      extra["value_fn"] = (
+          aho.ggn(aho.nnx_value_fn(lambda m, x: m(x), model, x),
+                  aho.SoftmaxCrossEntropy(y)) if spec.ggn
+          else aho.nnx_value_fn(loss_fn, model, x, y))
     if refresh is not None:
       extra["hessian_refresh"] = refresh
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
@@ -222,8 +230,9 @@ def train(spec: Spec, data, *, learning_rate: float, epochs: int,
   total = epochs * steps_per_epoch
   # One epoch of linear warmup for everyone: without it AdaHessian's first,
   # Newton-like steps overshoot along directions of tiny curvature.
-  schedule, template = _template(spec, total,
-                                 min(steps_per_epoch, total // 4 + 1))
+  warmup = (min(steps_per_epoch, total // 4 + 1) if spec.warmup is None
+            else max(1, int(spec.warmup * total)))
+  schedule, template = _template(spec, total, warmup)
   model = CNN(nnx.Rngs(seed))
   optimizer = nnx.Optimizer(
       model, _with_peak(spec.make(schedule, seed), learning_rate),

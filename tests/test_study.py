@@ -43,6 +43,11 @@ def test_score_and_divergence():
   collapsed = dict(run, train_loss=[2.30, 2.31], final_train_loss=2.29)
   assert study.score([run, blown_up]) == math.inf
   assert study.score([run, collapsed]) == math.inf
+  # A classifier at chance failed, even with a final loss below 90% of the
+  # first step's.
+  at_chance = dict(run, metric=[10.1], chance=10.0)
+  assert study.score([run, at_chance]) == math.inf
+  assert study.score([run, dict(at_chance, metric=[97.0])]) < math.inf
   assert study.lr_of(-2) == 0.1 and study.lr_of(1) == 3.162
 
 

@@ -7,12 +7,15 @@ seed-dependent parts live in its state.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import adahessian_optax as aho
+from adahessian_optax import _spatial as aho_spatial
 from benchmarks.study import sgd_sai
 from benchmarks.study import tasks as study_tasks
 
@@ -48,12 +51,19 @@ class Opt:
   Attributes:
     label: its name in the tables (unique).
     family: ``"adahessian"``, ``"adam"``, ``"adamw"``, ``"sgdm"``,
-      ``"sophia"``, ``"adan"``, ``"sgd_sai"`` or ``"shampoo"``.
+      ``"sophia"`` (Sophia-H), ``"sophia_g"`` (Sophia-G), ``"adan"``,
+      ``"sgd_sai"`` or ``"shampoo"``.
     grid: the first and last exponent ``e`` of the tuning grid
       ``10 ** (e / 2)`` (extended while the best is at an edge).
     options: AdaHessian's options as sorted ``(name, value)`` pairs: ``k``
       (Hessian every k steps), ``eps``, ``power``, ``n_samples``,
-      ``distribution``, ``block``, ``sub_batch`` (fraction), ``clip``.
+      ``distribution``, ``block``, ``sub_batch`` (fraction), ``clip``;
+      ``curvature`` (``"gnb"``: the Gauss-Newton-Bartlett estimator),
+      ``floor`` (the averaged ``|D|`` floored at this fraction of its
+      leaf's mean), ``layer_mean`` (``|D|`` averaged over each whole leaf),
+      ``layer_rms`` (each leaf's preconditioned update clipped to this RMS),
+      ``warmup`` (the fraction of steps of linear warmup; the task's own by
+      default).
   """
 
   label: str
@@ -66,18 +76,26 @@ class Opt:
 
   @property
   def needs_value_fn(self) -> bool:
-    return self.family in ("adahessian", "sophia")
+    return self.family in ("adahessian", "sophia", "sophia_g")
+
+  @property
+  def uses_ggn(self) -> bool:
+    """Whether the loss goes in as an ``aho.ggn`` (for the GNB estimator)."""
+    return self.family == "sophia_g" or self.option("curvature") == "gnb"
 
   @property
   def refresh_every(self) -> int:
     return self.option("k", 1)
 
-  def value_fn(self, loss, batch):
-    """The loss closure of one batch (a sub-batch Hessian if asked)."""
+  def value_fn(self, task, batch):
+    """The loss closure of one batch (a sub-batch Hessian or a GGN if
+    asked)."""
+    if self.uses_ggn:
+      return task.ggn(batch)
     fraction = self.option("sub_batch")
     if fraction is not None:
-      return aho.sub_batch_value_fn(loss, batch, fraction)
-    return lambda params: loss(params, batch)
+      return aho.sub_batch_value_fn(task.loss, batch, fraction)
+    return functools.partial(task.loss, batch=batch)
 
   def make(self, task, schedule, seed: int) -> optax.GradientTransformation:
     decay = 1.0 if task.weight_decay else 0.0
@@ -94,16 +112,50 @@ def _adahessian(opt: Opt, task, schedule, seed: int, decay: float):
   k = opt.refresh_every
   # The CNN's trainer picks one of two compiled steps on the host.
   interval = None if k > 1 and isinstance(task, study_tasks.CNN) else k
-  clip = opt.option("clip")
+  clip, layer_rms = opt.option("clip"), opt.option("layer_rms")
+  estimator = (dict(estimator=aho.gnb_estimator(key=seed))
+               if opt.option("curvature") == "gnb" else
+               dict(key=seed, n_samples=opt.option("n_samples"),
+                    distribution=opt.option("distribution")))
   return optax.chain(
       aho.scale_by_adahessian(
           eps=opt.option("eps", 1e-4), hessian_power=opt.option("power", 1.0),
-          key=seed, n_samples=opt.option("n_samples"),
-          distribution=opt.option("distribution"), update_interval=interval,
-          spatial_averaging=task.spatial(opt.option("block"))),
+          update_interval=interval, spatial_averaging=_spatial(opt, task),
+          **estimator),
       *([optax.clip(clip)] if clip is not None else []),
+      *([optax.clip_by_block_rms(layer_rms)] if layer_rms is not None
+        else []),
       optax.add_decayed_weights(5e-4 * decay),
       optax.scale_by_learning_rate(schedule))
+
+
+@dataclasses.dataclass(frozen=True)
+class FloorRule(aho.SpatialRule):
+  """A leaf's rule, then a floor at `fraction` of the leaf's mean |D|."""
+
+  base: Any
+  fraction: float
+
+  def apply(self, x):
+    y = x if self.base is None else self.base.apply(x)
+    return jnp.maximum(y, self.fraction * jnp.mean(x))
+
+
+def _spatial(opt: Opt, task):
+  """The task's averaging, or a remedy's rule on every leaf."""
+  base = task.spatial(opt.option("block"))
+  if opt.option("layer_mean"):
+    return lambda params: jax.tree.map(
+        lambda leaf: aho.mean_over_axes(*range(leaf.ndim)), params)
+  fraction = opt.option("floor")
+  if fraction is None:
+    return base
+
+  def floored(params):
+    rules = aho_spatial.resolve_rules(base, params)
+    return jax.tree.unflatten(jax.tree.structure(params),
+                              [FloorRule(r, fraction) for r in rules])
+  return floored
 
 
 _FACTORIES = {
@@ -116,6 +168,11 @@ _FACTORIES = {
     "sophia": lambda o, t, lr, seed, decay: optax.contrib.sophia(
         lr, weight_decay=1e-4 * decay,
         hessian_diagonal_fn=aho.hutchinson_estimator(key=seed)),
+    # Sophia-G as its paper and optax define it, the GNB estimate every 10
+    # steps inside Sophia's own lax.cond.
+    "sophia_g": lambda o, t, lr, seed, decay: optax.contrib.sophia(
+        lr, weight_decay=1e-4 * decay,
+        hessian_diagonal_fn=aho.gnb_estimator(key=seed)),
     "adan": lambda o, t, lr, seed, decay: optax.adan(
         lr, weight_decay=2e-2 * decay),
     "sgd_sai": lambda o, t, lr, seed, decay: sgd_sai.sgd_sai(
@@ -157,6 +214,48 @@ def remedies(quick: bool = False) -> list[Opt]:
   return [clip,
           Opt("AdaHessian power 0.5", "adahessian", grid, (("power", 0.5),)),
           Opt("AdaHessian eps 1e-2", "adahessian", grid, (("eps", 1e-2),))]
+
+
+SOPHIA_G = Opt("Sophia-G", "sophia_g", _ADAPTIVE)
+ADAHESSIAN_GNB = Opt("AdaHessian-GNB", "adahessian", ADAHESSIAN.grid,
+                     (("curvature", "gnb"),))
+
+
+def second_round(quick: bool = False) -> tuple[list[Opt], list[Opt]]:
+  """The second round's optimizers (full protocol) and remedies (light).
+
+  The remedies bound AdaHessian's step without relying on probe noise: a
+  floor on the averaged |D| at a tenth of its leaf's mean, |D| averaged over
+  each whole leaf (the largest averaging block), each leaf's update clipped
+  to an RMS of 0.1, a four times longer warmup; and the GNB estimate with
+  the elementwise clip that `examples/char_lm.py` needed.
+  """
+  grid = (-4, 0)
+  def remedy(label, **options):
+    return Opt(label, "adahessian", grid, tuple(sorted(options.items())))
+  floor = remedy("AdaHessian floor 0.1", floor=0.1)
+  if quick:
+    return [SOPHIA_G, ADAHESSIAN_GNB], [floor]
+  return [SOPHIA_G, ADAHESSIAN_GNB], [
+      floor,
+      remedy("AdaHessian layer mean", layer_mean=True),
+      remedy("AdaHessian layer RMS 0.1", layer_rms=0.1),
+      remedy("AdaHessian warmup 20%", warmup=0.2),
+      remedy("AdaHessian-GNB clip 0.1", curvature="gnb", clip=0.1)]
+
+
+def large_lm(quick: bool = False) -> tuple[list[Opt], list[Opt]]:
+  """The harder LM's optimizers, each on a three-point grid around the
+  small LM's tuned rate (extended while the best is at an edge)."""
+  def near(opt, lo):
+    return dataclasses.replace(opt, grid=(lo, lo + 2))
+  adamw = Opt("AdamW", "adamw", _ADAPTIVE)
+  if quick:
+    return [near(ADAHESSIAN, -3), near(adamw, -5)], []
+  return [near(ADAHESSIAN, -3), near(adamw, -5), near(SOPHIA_G, -7),
+          near(ADAHESSIAN_GNB, -3)], [
+              Opt("AdaHessian clip 0.1", "adahessian", (-3, -1),
+                  (("clip", 0.1),))]
 
 
 def ablations(task, quick: bool = False) -> list[Opt]:

@@ -12,18 +12,22 @@ import numpy as np
 from benchmarks.common import report
 
 MULTIPLIERS = ("0.5", "1.0", "2.0", "3.0", "5.0", "10.0")
-PARTS = ("small", "cnn", "lm")
+PARTS = ("small", "cnn", "lm", "lm-large")
 # Rows of the options table: by kind, then by number.
 _KINDS = ("k=", "probes", "Gaussian", "block", "sub-batch")
 DOCS_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "docs", "images")
 
 
-def _load(out: str) -> tuple[dict, tuple]:
+def summary_name(part: str, study_round: int) -> str:
+  return f"summary{'' if study_round == 1 else study_round}_{part}.json"
+
+
+def _load(out: str, study_round: int = 1) -> tuple[dict, tuple]:
   """`(tasks by name, (minutes, runs))` of the parts under `out`."""
   tasks, minutes, runs = {}, 0.0, 0
   for part in PARTS:
-    path = os.path.join(out, f"summary_{part}.json")
+    path = os.path.join(out, summary_name(part, study_round))
     if not os.path.exists(path):
       continue
     with open(path) as f:
@@ -234,27 +238,30 @@ def plot_interval(tasks: dict, path: str) -> str:
   return _save(fig, path, legend=False)
 
 
-def write(out: str, docs: bool = False) -> None:
-  """Writes `out/study_tables.md` and the plots (also to docs/images)."""
-  tasks, (minutes, runs) = _load(out)
+def write(out: str, docs: bool = False, study_round: int = 1) -> None:
+  """Writes `out/study_tables.md` (`study2_tables.md` for the second round)
+  and the plots (also to docs/images)."""
+  tasks, (minutes, runs) = _load(out, study_round)
   if not tasks:
     raise SystemExit(f"no study summaries under {out}: run --part first")
+  prefix = "study" if study_round == 1 else f"study{study_round}"
+  first = study_round == 1
   sections = [
       f"{runs} runs, {minutes:.0f} min in all (each run's own time, "
       "compilation included).",
       "## Test metric at the tuned rate", headline(tasks),
       "## Learning-rate robustness", divergences(tasks),
       *(robustness(n, t) for n, t in tasks.items()),
-      "## AdaHessian's options", ablation_table(tasks),
+      *(("## AdaHessian's options", ablation_table(tasks)) if first else ()),
       "## Tuning grids", tuning_grids(tasks),
   ]
-  path = os.path.join(out, "study_tables.md")
+  path = os.path.join(out, f"{prefix}_tables.md")
   with open(path, "w") as f:
     f.write("\n\n".join(sections) + "\n")
   print("\n\n".join(sections[:4]))
-  plots = [plot_sensitivity(tasks, os.path.join(out, "study_lr.png")),
-           plot_curves(tasks, os.path.join(out, "study_curves.png"))]
-  if all("k=5" in t["ablations"] for t in tasks.values()):
+  plots = [plot_sensitivity(tasks, os.path.join(out, f"{prefix}_lr.png")),
+           plot_curves(tasks, os.path.join(out, f"{prefix}_curves.png"))]
+  if first and all("k=5" in t["ablations"] for t in tasks.values()):
     plots.append(plot_interval(tasks,
                                os.path.join(out, "study_interval.png")))
   if docs:

@@ -24,6 +24,16 @@ resumes. Parts fit in a CPU session each; from the repository root::
     python -m benchmarks.study.run --report        # tables, plots from cache
     python -m benchmarks.study.run --quick --out /tmp/q   # everything, tiny
 
+The second round (``--round 2``) adds Sophia-G and AdaHessian with the
+Gauss-Newton-Bartlett estimate under the same protocol, and remedies for
+large rates under the light one, on the same tasks; its part ``lm-large``
+is a harder LM (4 layers) with AdamW, AdaHessian, Sophia-G, AdaHessian-GNB
+and the clip, under a lighter protocol (one tuning seed on a three-point
+grid, three seeds at the tuned rate, one at the other multiples)::
+
+    python -m benchmarks.study.run --round 2 --part small cnn lm lm-large
+    python -m benchmarks.study.run --round 2 --report
+
 What a step costs against Adam's is the speed suite's question
 (``python -m benchmarks.speed.step_cost``), not the study's.
 """
@@ -47,6 +57,7 @@ from benchmarks.study import report as study_report
 from benchmarks.study import tasks as study_tasks
 
 PARTS = study_report.PARTS
+ROUNDS = {1: PARTS[:3], 2: PARTS}
 MULTIPLIERS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 # Seeds: tuning, the tuned rate, the other multipliers (disjoint from tuning).
 TUNE_SEEDS, TEST_SEEDS, SENS_SEEDS = (100, 101), tuple(range(5)), (0, 1, 2)
@@ -54,7 +65,8 @@ TUNE_SEEDS, TEST_SEEDS, SENS_SEEDS = (100, 101), tuple(range(5)), (0, 1, 2)
 LIGHT = ((100,), TEST_SEEDS, (0, 1))
 # Seconds per run measured on the shared 2-core machine (all optimizers).
 SECONDS = {"quadratic, axis-aligned": 0.2, "quadratic, rotated": 0.2,
-           "MLP": 1.0, "digits CNN": 6.0, "char LM": 6.5}
+           "MLP": 1.0, "digits CNN": 6.0, "char LM": 6.5,
+           "char LM, 4 layers": 45.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +81,8 @@ class Protocol:
 
 FULL = Protocol(TUNE_SEEDS, TEST_SEEDS, SENS_SEEDS)
 QUICK = Protocol((100,), (0, 1), (0,), grid_points=2)
+# The harder LM's: a run there costs about ten of the small LM's.
+LARGE = Protocol((100,), (0, 1, 2), (0,))
 
 
 class Cache:
@@ -116,9 +130,14 @@ def _number(x) -> float:
 
 def _diverged(r) -> bool:
   """Judged again from the cached curve, so that a cache made under an
-  earlier rule follows the current one."""
-  return study_tasks.diverged([_number(v) for v in r["train_loss"]],
-                              _number(r["final_train_loss"]))
+  earlier rule follows the current one; a classifier that ends at no more
+  than twice chance accuracy failed too (a blow-up that killed every ReLU
+  ends at chance with a loss of ln 10, which can be below 90% of the
+  first step's)."""
+  chance = r.get("chance")
+  return (study_tasks.diverged([_number(v) for v in r["train_loss"]],
+                               _number(r["final_train_loss"]))
+          or (chance is not None and _number(r["metric"][-1]) <= 2 * chance))
 
 
 def score(runs) -> float:
@@ -198,22 +217,37 @@ def ablations(cache, task, lr, protocol, quick, bar) -> dict:
   return out
 
 
-def planned_runs(task, protocol, light, quick) -> int:
+def plan(task, part: str, study_round: int, quick: bool) -> list:
+  """`[(optimizer, protocol)]` of one task in one round of the study."""
+  full, light = (QUICK, QUICK) if quick else (FULL, Protocol(*LIGHT))
+  if part == "lm-large":
+    optimizers, remedies = so.large_lm(quick)
+    return [(o, QUICK if quick else LARGE) for o in optimizers + remedies]
+  if study_round == 2:
+    optimizers, remedies = so.second_round(quick)
+  else:
+    optimizers, remedies = so.baselines(task, quick), so.remedies(quick)
+  return [(o, full) for o in optimizers] + [(o, light) for o in remedies]
+
+
+def planned_runs(task, plans, ablation_seeds: int, quick) -> int:
   """Runs of one task before grid extensions (for the estimate)."""
   def per_opt(p, opt):
     grid = p.grid_points or opt.grid[1] - opt.grid[0] + 1
     return (grid * len(p.tune_seeds) + len(p.test_seeds)
             + (len(MULTIPLIERS) - 1) * len(p.sens_seeds))
-  return (sum(per_opt(protocol, o) for o in so.baselines(task, quick))
-          + sum(per_opt(light, o) for o in so.remedies(quick))
-          + len(so.ablations(task, quick)) * len(protocol.test_seeds))
+  return (sum(per_opt(p, o) for o, p in plans)
+          + len(so.ablations(task, quick)) * ablation_seeds)
 
 
 def run_part(part, args) -> None:
-  protocol, light = (QUICK, QUICK) if args.quick else (FULL, Protocol(*LIGHT))
+  protocol = QUICK if args.quick else FULL
   cache = Cache(args.out, args.quick)
   tasks = study_tasks.tasks(args.quick)[part]
-  planned = {t.name: planned_runs(t, protocol, light, args.quick)
+  first = args.round == 1
+  plans = {t.name: plan(t, part, args.round, args.quick) for t in tasks}
+  planned = {t.name: planned_runs(
+      t, plans[t.name], len(protocol.test_seeds) if first else 0, args.quick)
              for t in tasks}
   total = sum(planned.values())
   estimate = sum(n * SECONDS[name] for name, n in planned.items())
@@ -226,20 +260,20 @@ def run_part(part, args) -> None:
              dynamic_ncols=True)
   for task in tasks:
     bar.set_postfix(task=task.name)
-    results = {o.label: study_optimizer(cache, task, o, protocol, bar)
-               for o in so.baselines(task, args.quick)}
-    results.update({o.label: study_optimizer(cache, task, o, light, bar)
-                    for o in so.remedies(args.quick)})
-    lr = results[so.ADAHESSIAN.label]["tuned"]["lr"]
+    results = {o.label: study_optimizer(cache, task, o, p, bar)
+               for o, p in plans[task.name]}
     summary[task.name] = {
         "metric": task.metric, "higher_is_better": task.higher_is_better,
         "optimizers": results,
-        "ablations": ablations(cache, task, lr, protocol, args.quick, bar)}
+        "ablations": ablations(
+            cache, task, results[so.ADAHESSIAN.label]["tuned"]["lr"],
+            protocol, args.quick, bar) if first else {}}
   bar.close()
   elapsed = time.perf_counter() - start
   print(f"part {part}: {cache.misses} runs done, {cache.hits} from the "
         f"cache, {elapsed / 60:.1f} min", flush=True)
-  report.save_json(os.path.join(args.out, f"summary_{part}.json"),
+  report.save_json(os.path.join(
+      args.out, study_report.summary_name(part, args.round)),
                    {"tasks": summary, "minutes": cache.seconds / 60,
                     "runs": cache.misses + cache.hits,
                     "machine": timing.header()}, announce=False)
@@ -249,6 +283,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--part", nargs="+", choices=PARTS, default=[],
                       help="parts to run (default with --quick: all)")
+  parser.add_argument("--round", type=int, choices=(1, 2), default=1,
+                      help="the study's first round or its second")
   parser.add_argument("--report", action="store_true",
                       help="tables and plots from the cached parts")
   parser.add_argument("--quick", action="store_true",
@@ -258,13 +294,16 @@ def main(argv=None) -> None:
                       help="with --report: also write docs/images/study_*.png")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  parts = args.part or (list(PARTS) if args.quick else [])
+  parts = args.part or (list(ROUNDS[args.round]) if args.quick else [])
   if not parts and not args.report:
     parser.error("give --part, --report or --quick")
+  if args.round == 1 and "lm-large" in parts:
+    parser.error("the part lm-large belongs to the second round (--round 2)")
   for part in parts:
     run_part(part, args)
   if args.report or args.quick:
-    study_report.write(args.out, docs=args.docs and not args.quick)
+    study_report.write(args.out, docs=args.docs and not args.quick,
+                       study_round=args.round)
 
 
 if __name__ == "__main__":
