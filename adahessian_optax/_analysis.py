@@ -36,6 +36,7 @@ from adahessian_optax import _ggn
 from adahessian_optax import _lanczos
 from adahessian_optax import _probes
 from adahessian_optax import _tree
+from adahessian_optax import _xla_cpu
 
 _METHODS = ("hutchinson", "hutch++")
 _WHICH = ("largest", "smallest")
@@ -453,7 +454,8 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
     if matvec is not None:
       return _Operator(_scaled(matvec, scale), leaves, split, mask, dim,
                        _lanczos.HOST)
-  product = _linearize(restricted, leaves, axis_name=axis_name)[2]
+  product = functools.partial(
+      _xla_cpu.call, _linearize(restricted, leaves, axis_name=axis_name)[2])
 
   def matvec(v):
     return _curvature.axis_mean(_product_of(product, leaves, v), axis_name)
