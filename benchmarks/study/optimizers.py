@@ -244,18 +244,21 @@ def second_round(quick: bool = False) -> tuple[list[Opt], list[Opt]]:
       remedy("AdaHessian-GNB clip 0.1", curvature="gnb", clip=0.1)]
 
 
-def large_lm(quick: bool = False) -> tuple[list[Opt], list[Opt]]:
+def large_lm(quick: bool = False) -> list[Opt]:
   """The harder LM's optimizers, each on a three-point grid around the
-  small LM's tuned rate (extended while the best is at an edge)."""
+  small LM's tuned rate (extended while the best is at an edge): AdamW,
+  AdaHessian, Sophia-G, AdaHessian-GNB and the two remedies that held on
+  the first four tasks."""
   def near(opt, lo):
     return dataclasses.replace(opt, grid=(lo, lo + 2))
   adamw = Opt("AdamW", "adamw", _ADAPTIVE)
   if quick:
-    return [near(ADAHESSIAN, -3), near(adamw, -5)], []
+    return [near(ADAHESSIAN, -3), near(adamw, -5)]
+  remedies = {o.label: o for o in second_round()[1]}
   return [near(ADAHESSIAN, -3), near(adamw, -5), near(SOPHIA_G, -7),
-          near(ADAHESSIAN_GNB, -3)], [
-              Opt("AdaHessian clip 0.1", "adahessian", (-3, -1),
-                  (("clip", 0.1),))]
+          near(ADAHESSIAN_GNB, -3),
+          near(remedies["AdaHessian layer RMS 0.1"], -3),
+          near(remedies["AdaHessian-GNB clip 0.1"], -3)]
 
 
 def ablations(task, quick: bool = False) -> list[Opt]:

@@ -221,8 +221,7 @@ def plan(task, part: str, study_round: int, quick: bool) -> list:
   """`[(optimizer, protocol)]` of one task in one round of the study."""
   full, light = (QUICK, QUICK) if quick else (FULL, Protocol(*LIGHT))
   if part == "lm-large":
-    optimizers, remedies = so.large_lm(quick)
-    return [(o, QUICK if quick else LARGE) for o in optimizers + remedies]
+    return [(o, QUICK if quick else LARGE) for o in so.large_lm(quick)]
   if study_round == 2:
     optimizers, remedies = so.second_round(quick)
   else:
@@ -245,7 +244,9 @@ def run_part(part, args) -> None:
   cache = Cache(args.out, args.quick)
   tasks = study_tasks.tasks(args.quick)[part]
   first = args.round == 1
-  plans = {t.name: plan(t, part, args.round, args.quick) for t in tasks}
+  plans = {t.name: [(o, p) for o, p in plan(t, part, args.round, args.quick)
+                    if not args.only or o.label in args.only]
+           for t in tasks}
   planned = {t.name: planned_runs(
       t, plans[t.name], len(protocol.test_seeds) if first else 0, args.quick)
              for t in tasks}
@@ -267,7 +268,7 @@ def run_part(part, args) -> None:
         "optimizers": results,
         "ablations": ablations(
             cache, task, results[so.ADAHESSIAN.label]["tuned"]["lr"],
-            protocol, args.quick, bar) if first else {}}
+            protocol, args.quick, bar) if first and not args.only else {}}
   bar.close()
   elapsed = time.perf_counter() - start
   print(f"part {part}: {cache.misses} runs done, {cache.hits} from the "
@@ -285,6 +286,10 @@ def main(argv=None) -> None:
                       help="parts to run (default with --quick: all)")
   parser.add_argument("--round", type=int, choices=(1, 2), default=1,
                       help="the study's first round or its second")
+  parser.add_argument("--only", nargs="+", default=[], metavar="LABEL",
+                      help="only these optimizers (to share a part between "
+                           "processes; run the part again without it, from "
+                           "the cache, for its whole summary)")
   parser.add_argument("--report", action="store_true",
                       help="tables and plots from the cached parts")
   parser.add_argument("--quick", action="store_true",
