@@ -207,6 +207,25 @@ def _restart(basis: list, restarts: jax.Array) -> list:
   return _normalized(z)
 
 
+def _orthogonalize_leading(basis: list, w: list, n: Any
+                           ) -> tuple[list, jax.Array]:
+  """`orthogonalize` against the first `n` rows of the basis (the rest are
+  zeros), on the smallest leading block of 8, 32, 128... rows that holds
+  them: a step costs in proportion to the steps taken so far, not to the
+  room left for more."""
+  rows = basis[0].shape[0]
+
+  def on_leading(size):
+    def branch(basis, w):
+      w, c = orthogonalize([v[:size] for v in basis], w)
+      return w, jnp.pad(c, (0, rows - size))
+    return branch
+
+  sizes = _bucket_sizes(rows)
+  index = jnp.searchsorted(jnp.asarray(sizes), n)
+  return jax.lax.switch(index, [on_leading(s) for s in sizes], basis, w)
+
+
 @jax.jit
 def absorb(state: Krylov, i: Any, w: list) -> Krylov:
   """Step `i` given `w = A v_i`: `alpha_i`, `beta_i` and `v_{i+1}`.
@@ -219,7 +238,7 @@ def absorb(state: Krylov, i: Any, w: list) -> Krylov:
   run goes on from a new vector orthogonal to the basis, with
   `beta_i = 0`, so the tridiagonal matrix splits into blocks.
   """
-  w, c = orthogonalize(state.basis, _tree.widen(w))
+  w, c = _orthogonalize_leading(state.basis, _tree.widen(w), i + 1)
   alpha = state.alpha.at[i].set(c[i])
   beta_i = norm(w)
   seen = jnp.maximum(jnp.max(jnp.abs(alpha)), jnp.max(state.beta))
