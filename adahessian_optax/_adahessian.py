@@ -1,7 +1,7 @@
 """The AdaHessian transformation and its optax alias."""
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Union
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +16,19 @@ from adahessian_optax import _layouts
 from adahessian_optax import _probes
 from adahessian_optax import _spatial
 from adahessian_optax import _tree
+from adahessian_optax import _xla_cpu
 
 _DEFAULT_SPATIAL = _layouts.default_rules
 
 
 class PerformanceWarning(UserWarning):
-  """A configuration that runs slower than it could on this backend."""
+  """A configuration that runs slower than it could on this backend.
+
+  No longer emitted (since 0.5.0): a refresh decided at run time now runs
+  its convolutions at full speed inside ``lax.cond`` on XLA:CPU too. Kept
+  for compatibility, so that ``warnings.filterwarnings(...,
+  aho.PerformanceWarning)`` still works.
+  """
 
 
 class ScaleByAdaHessianState(NamedTuple):
@@ -149,33 +156,21 @@ def refresh_predicate(update_interval, count, hessian_refresh, hessian):
   return count % update_interval == 0
 
 
-_SLOW_COND_MESSAGE = (
-    "adahessian_optax: the loss has convolutions and runs on XLA:CPU, where "
-    "their gradients inside lax.cond run as slow generic loops, so a "
-    "run-time refresh decision (update_interval > 1, or an array "
-    "hessian_refresh) computes the Hessian-vector product on every step and "
-    "keeps it only on refresh steps: it saves no time. For the saving, "
-    "construct with update_interval=None and jit the step with a static "
-    "hessian_refresh (or call value_grad_and_hessian) on refresh steps only; "
-    "see the delayed Hessian guide.")
-
-
 def dispatch(refresh, refresh_fn, curvature: _Curvature) -> _Curvature:
   """Applies `refresh_fn` to `curvature` when `refresh` says so.
 
   A Python bool compiles one program, with or without the refresh. An array
-  selects at run time: with `lax.cond`, so that skipped steps do not compute
-  the Hessian-vector product, where that branch runs at full speed, and
-  otherwise by computing it on every step and selecting the result.
+  selects at run time with `lax.cond`, so that skipped steps do not compute
+  the Hessian-vector product. The refresh branch is traced through
+  `_xla_cpu.call`: on XLA:CPU its convolutions are written in the layout
+  that runs fast inside a branch (elsewhere it is `refresh_fn` itself).
   """
   if refresh is True:
     return refresh_fn(curvature)
   if refresh is False:
     return curvature
-  if _curvature.control_flow_is_slow(refresh_fn, curvature):
-    warnings.warn(_SLOW_COND_MESSAGE, PerformanceWarning)
-    return optax.tree.where(refresh, refresh_fn(curvature), curvature)
-  return jax.lax.cond(refresh, refresh_fn, lambda c: c, curvature)
+  return jax.lax.cond(refresh, functools.partial(_xla_cpu.call, refresh_fn),
+                      lambda c: c, curvature)
 
 
 def _estimate_fn(params, value_fn, obj_fn, hessian, estimator):
@@ -319,9 +314,9 @@ def scale_by_adahessian(
   (``hessian=``). A Python bool decided at trace time compiles one program,
   without the Hessian-vector product when no refresh is due; a decision known
   only at run time (``update_interval > 1``, or an array ``hessian_refresh``)
-  skips the product with :func:`jax.lax.cond`, except where control flow
-  would make it slower (convolutions on XLA:CPU: it is then computed on every
-  step, and a :class:`PerformanceWarning` names the fast pattern).
+  skips the product with :func:`jax.lax.cond` (on XLA:CPU with the
+  convolutions of the refresh branch rewritten into the layout that runs
+  fast inside a branch).
   Contradictory inputs are errors: ``hessian_refresh`` with an int
   ``update_interval``, an estimate with ``hessian_refresh=False``, or an
   estimate on a step whose refresh is decided at run time.

@@ -24,6 +24,7 @@ from adahessian_optax import _checks
 from adahessian_optax import _curvature
 from adahessian_optax import _probes
 from adahessian_optax import _tree
+from adahessian_optax import _xla_cpu
 
 
 class EstimatorState:
@@ -279,7 +280,11 @@ def as_transformation(initial: EstimatorState,
                       owner: str) -> optax.GradientTransformationExtraArgs:
   """An estimator as a gradient transformation: ``init`` returns `initial`;
   ``update(updates, state, params, *, value_fn)`` ignores ``updates`` and
-  returns the estimate cast to the params' dtypes, and the next state."""
+  returns the estimate cast to the params' dtypes, and the next state.
+
+  The estimate is traced through `_xla_cpu.call`, so that it runs at full
+  speed inside a caller's control flow on XLA:CPU (Sophia's ``lax.cond``).
+  """
 
   def init_fn(params):
     del params
@@ -290,8 +295,15 @@ def as_transformation(initial: EstimatorState,
     del updates, extra_args
     _checks.check_params(f"{owner}.update", params)
     fn = _checks.check_value_fn(value_fn, obj_fn, f"{owner}.update")
-    result, state = state.estimate(fn, params, fused=False)
-    return optax.tree.cast_like(result.diagonal, params), state
+
+    def diagonal_and_state(state, params):
+      result, state = state.estimate(fn, params, fused=False)
+      return result.diagonal, state
+    # Sophia calls this inside its own lax.cond: traced through
+    # _xla_cpu.call, the estimate's convolutions run at full speed there on
+    # XLA:CPU (elsewhere, and at top level, the numbers are the same).
+    diagonal, state = _xla_cpu.call(diagonal_and_state, state, params)
+    return optax.tree.cast_like(diagonal, params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -181,14 +181,22 @@ def _chunk_problem(conv):
   return params, x, loss
 
 
-@pytest.mark.parametrize("conv", [
-    False,
-    pytest.param(True, marks=pytest.mark.skipif(
-        jax.default_backend() != "cpu",
-        reason="XLA:CPU only: the pieces are unrolled where convolutions "
-               "are slow inside control flow"))], ids=["scan", "unrolled"])
+def _scan_convs(jaxpr, in_scan=False) -> list:
+  """The dimension numbers of the convolutions inside `scan` bodies."""
+  from adahessian_optax import _xla_cpu  # pylint: disable=import-outside-toplevel
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive is jax.lax.conv_general_dilated_p and in_scan:
+      found.append(eqn.params["dimension_numbers"])
+    for sub in _xla_cpu._subjaxprs(eqn.params):  # pylint: disable=protected-access
+      found += _scan_convs(sub, in_scan or eqn.primitive.name == "scan")
+  return found
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "conv"])
 @pytest.mark.parametrize("n_samples", [1, 2])
 def test_chunks_give_the_same_numbers(conv, n_samples):
+  from adahessian_optax import _xla_cpu  # pylint: disable=import-outside-toplevel
   params, x, loss = _chunk_problem(conv)
   whole = aho.sub_batch_value_fn(loss, x, 0.5)
   chunked = aho.sub_batch_value_fn(loss, x, 0.5, chunks=2)
@@ -197,11 +205,16 @@ def test_chunks_give_the_same_numbers(conv, n_samples):
   b = aho.hutchinson_diagonal(chunked, params, 1, n_samples=n_samples)
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
-  # The pieces run one after the other in a scan, except where control flow
-  # is slow (convolutions on XLA:CPU), where they are unrolled.
-  text = str(jax.make_jaxpr(
-      lambda p: aho.hutchinson_diagonal(chunked, p, 1))(params))
-  assert (" scan[" in text) == (not conv)
+  # The pieces run one after the other in a scan; on XLA:CPU its body's
+  # convolutions are in the layout that runs fast inside a loop.
+  jaxpr = jax.make_jaxpr(
+      lambda p: aho.hutchinson_diagonal(chunked, p, 1))(params).jaxpr
+  assert " scan[" in str(jaxpr)
+  convs = _scan_convs(jaxpr)
+  assert len(convs) >= (3 if conv else 0)
+  if jax.default_backend() == "cpu":
+    assert all(n == _xla_cpu._canonical_numbers(4)  # pylint: disable=protected-access
+               for n in convs)
 
 
 def test_chunks_bound_the_memory_of_a_refresh_step():

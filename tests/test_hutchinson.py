@@ -150,6 +150,63 @@ def test_estimator_transformation_with_sophia():
   np.testing.assert_allclose(params, target, atol=5e-3)
 
 
+def _cond_convs(jaxpr, in_cond=False) -> list:
+  """The dimension numbers of the convolutions inside `cond` branches."""
+  from adahessian_optax import _xla_cpu  # pylint: disable=import-outside-toplevel
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive is jax.lax.conv_general_dilated_p and in_cond:
+      found.append(eqn.params["dimension_numbers"])
+    for sub in _xla_cpu._subjaxprs(eqn.params):  # pylint: disable=protected-access
+      found += _cond_convs(sub, in_cond or eqn.primitive.name == "cond")
+  return found
+
+
+@pytest.mark.standard_promotion  # optax.contrib.sophia
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="the convolutions are rewritten on XLA:CPU only")
+def test_estimator_inside_sophias_cond_has_fast_convolutions(monkeypatch):
+  """Sophia refreshes inside its own lax.cond: there the estimator's
+  convolutions are in XLA:CPU's fast layout, with the same numbers."""
+  from adahessian_optax import _xla_cpu  # pylint: disable=import-outside-toplevel
+  k1, k2 = jax.random.split(jax.random.key(3))
+  params = jax.random.normal(k1, (3, 3, 2, 3)) * 0.3
+  x = jax.random.normal(k2, (2, 5, 5, 2))
+
+  def loss(k):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.mean(jnp.tanh(y) ** 2)
+
+  est = aho.hutchinson_estimator(key=4)
+  diag, _ = jax.jit(lambda p, s: est.update(None, s, p, obj_fn=loss))(
+      params, est.init(params))
+  np.testing.assert_allclose(
+      diag, aho.hutchinson_diagonal(loss, params, 4).diagonal, rtol=1e-5,
+      atol=1e-7)
+
+  def run():
+    tx = optax.contrib.sophia(0.05, update_interval=2,
+                              hessian_diagonal_fn=aho.hutchinson_estimator(
+                                  key=0))
+    fn = lambda p, s: tx.update(jax.grad(loss)(p), s, p, obj_fn=loss)
+    convs = _cond_convs(jax.make_jaxpr(fn)(params, tx.init(params)).jaxpr)
+    step, p, s = jax.jit(fn), params, tx.init(params)
+    for _ in range(3):
+      u, s = step(p, s)
+      p = optax.apply_updates(p, u)
+    return convs, p
+
+  convs, got = run()
+  assert len(convs) >= 3 and all(
+      n == _xla_cpu._canonical_numbers(4)  # pylint: disable=protected-access
+      for n in convs)
+  monkeypatch.setattr(_xla_cpu, "call", lambda fn, *args: fn(*args))
+  convs, want = run()
+  assert any(n != _xla_cpu._canonical_numbers(4) for n in convs)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_inputs_are_named():
   params = jnp.ones(2)
   with pytest.raises(ValueError, match="params"):
