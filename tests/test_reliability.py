@@ -182,9 +182,10 @@ def test_bad_constant_learning_rate_and_weight_decay(name, value, match):
 @pytest.mark.parametrize("value,match", [
     (0.0, r"must lie in \(0.0, inf\)"), (-1.0, "must lie in"),
     (float("nan"), "must be finite"), (float("inf"), "must be finite")])
-def test_bad_clip_threshold(value, match):
-  with pytest.raises(ValueError, match=f"clip_threshold {match}"):
-    aho.adahessian(0.1, key=0, clip_threshold=value)
+@pytest.mark.parametrize("name", ["clip_threshold", "rms_clip_threshold"])
+def test_bad_clip_threshold(value, match, name):
+  with pytest.raises(ValueError, match=f"{name} {match}"):
+    aho.adahessian(0.1, key=0, **{name: value})
 
 
 def test_schedules_are_not_checked_and_zero_is_fine():
