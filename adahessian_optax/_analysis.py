@@ -521,7 +521,7 @@ def _renamed(owner: str, old: str, new: str, old_value: Any, new_value: Any,
     raise TypeError(f"{owner}: got both {old}= and {new}=; pass {new}= only")
   warnings.warn(
       f"{owner}: {old}= is deprecated, use {new}= (the same meaning; the 0.3 "
-      "name goes in 0.5)", DeprecationWarning, stacklevel=3)
+      "name goes in 0.6)", DeprecationWarning, stacklevel=3)
   return old_value
 
 
