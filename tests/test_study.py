@@ -85,3 +85,55 @@ def test_quick_study_is_cached_and_reported(tmp_path):
   again = _run("--out", str(tmp_path), "--part", "small", "cnn", "lm")
   assert re.findall(r"(\d+) runs done", again) == ["0", "0", "0"]
   assert len(list((tmp_path / "runs").rglob("*.json"))) == len(runs)
+
+
+@pytest.mark.slow  # the second round, tiny: about a minute
+def test_quick_second_round(tmp_path):
+  stdout = _run("--round", "2", "--out", str(tmp_path))
+  done = [int(n) for n in re.findall(r"(\d+) runs done", stdout)]
+  assert len(done) == 4 and all(n > 0 for n in done)
+  for part in ("small", "cnn", "lm", "lm-large"):
+    summary = json.loads((tmp_path / f"summary2_{part}.json").read_text())
+    labels = {label for task in summary["tasks"].values()
+              for label in task["optimizers"]}
+    expected = ({"AdaHessian", "AdamW"} if part == "lm-large"
+                else {"Sophia-G", "AdaHessian-GNB", "AdaHessian floor 0.1"})
+    assert labels == expected
+    for task in summary["tasks"].values():
+      assert not task["ablations"]
+      for result in task["optimizers"].values():
+        assert result["tuned"]["lr"] > 0
+  tables = (tmp_path / "study2_tables.md").read_text()
+  assert "| Sophia-G |" in tables and "char LM, 4 layers" in tables
+  # The first round's summaries are not touched.
+  assert not list(tmp_path.glob("summary_*.json"))
+
+
+def test_second_round_plan():
+  from benchmarks.study import optimizers as so  # pylint: disable=import-outside-toplevel
+  from benchmarks.study import tasks as study_tasks  # pylint: disable=import-outside-toplevel
+  tasks = study_tasks.tasks(quick=False)
+  plan = study.plan(tasks["cnn"][0], "cnn", 2, quick=False)
+  labels = [o.label for o, _ in plan]
+  assert labels[:2] == ["Sophia-G", "AdaHessian-GNB"]
+  assert all(p == study.FULL for _, p in plan[:2])
+  assert all(p == study.Protocol(*study.LIGHT) for _, p in plan[2:])
+  large = study.plan(tasks["lm-large"][0], "lm-large", 2, quick=False)
+  assert all(p == study.LARGE for _, p in large)
+  # Each of the harder LM's grids is three points (extended at an edge).
+  assert all(o.grid[1] - o.grid[0] == 2 for o, _ in large)
+  rms = next(o for o in so.second_round()[1] if o.option("layer_rms"))
+  assert rms.option("layer_rms") == 0.1
+
+
+def test_floor_rule_matches_numpy():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import adahessian_optax as aho  # pylint: disable=import-outside-toplevel
+  from benchmarks.study import optimizers as so  # pylint: disable=import-outside-toplevel
+  x = np.array([0.1, 0.3, 4.0, 0.0], np.float32)
+  rule = so.FloorRule(aho.block_mean(2), 0.5)
+  # Block means [0.2, 0.2, 2, 2], floored at half the leaf's mean (0.55).
+  np.testing.assert_allclose(rule.apply(x), [0.55, 0.55, 2.0, 2.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(so.FloorRule(None, 0.5).apply(x),
+                             [0.55, 0.55, 4.0, 0.55], rtol=1e-6)
