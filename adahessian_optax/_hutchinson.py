@@ -299,9 +299,6 @@ def as_transformation(initial: EstimatorState,
     def diagonal_and_state(state, params):
       result, state = state.estimate(fn, params, fused=False)
       return result.diagonal, state
-    # Sophia calls this inside its own lax.cond: traced through
-    # _xla_cpu.call, the estimate's convolutions run at full speed there on
-    # XLA:CPU (elsewhere, and at top level, the numbers are the same).
     diagonal, state = _xla_cpu.call(diagonal_and_state, state, params)
     return optax.tree.cast_like(diagonal, params), state
 

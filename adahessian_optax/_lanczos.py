@@ -215,15 +215,20 @@ def _orthogonalize_leading(basis: list, w: list, n: Any
   room left for more."""
   rows = basis[0].shape[0]
 
-  def on_leading(size):
-    def branch(basis, w):
-      w, c = orthogonalize([v[:size] for v in basis], w)
-      return w, jnp.pad(c, (0, rows - size))
-    return branch
+  def on_leading(size, basis, w):
+    w, c = orthogonalize([v[:size] for v in basis], w)
+    return w, jnp.pad(c, (0, rows - size))
 
-  sizes = _bucket_sizes(rows)
+  return _on_leading_block(on_leading, rows, n, basis, w)
+
+
+def _on_leading_block(fn: Callable, length: int, n: Any, *operands: Any):
+  """`fn(size, *operands)` for the smallest of the sizes 8, 32, 128...,
+  `length` that holds `n` (chosen at run time, each size compiled once)."""
+  sizes = _bucket_sizes(length)
   index = jnp.searchsorted(jnp.asarray(sizes), n)
-  return jax.lax.switch(index, [on_leading(s) for s in sizes], basis, w)
+  return jax.lax.switch(index, [functools.partial(fn, size) for size in sizes],
+                        *operands)
 
 
 @jax.jit
@@ -348,13 +353,10 @@ def converged(alpha: jax.Array, beta: jax.Array, n: Any, k: int,
   rows that holds the `n` steps (on a CPU about 0.05 ms for 32 x 32, 0.8 ms
   for 100 x 100: more than a small model's Hessian-vector product).
   """
-  sizes = _bucket_sizes(alpha.shape[0])
-  branches = [
-      lambda a, b, n, size=size: _converged_at_size(a[:size], b[:size], n, k,
-                                                    tol, dim)
-      for size in sizes]
-  index = jnp.searchsorted(jnp.asarray(sizes), n)
-  return jax.lax.switch(index, branches, alpha, beta, n)
+  return _on_leading_block(
+      lambda size, a, b, n: _converged_at_size(a[:size], b[:size], n, k, tol,
+                                               dim),
+      alpha.shape[0], n, alpha, beta, n)
 
 
 def lanczos_until_converged(matvec: Callable[[list], list], v0: list,

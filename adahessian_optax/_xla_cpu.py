@@ -57,10 +57,20 @@ def _subjaxprs(params: dict) -> list:
   return found
 
 
+def convolutions(jaxpr: jax_core.Jaxpr, within: tuple = ()) -> list:
+  """`(names of the enclosing primitives, dimension numbers)` of every
+  convolution in `jaxpr`, nested ones included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive is _CONV:
+      found.append((within, eqn.params["dimension_numbers"]))
+    for sub in _subjaxprs(eqn.params):
+      found += convolutions(sub, within + (eqn.primitive.name,))
+  return found
+
+
 def _has_conv(jaxpr: jax_core.Jaxpr) -> bool:
-  return any(eqn.primitive is _CONV
-             or any(_has_conv(j) for j in _subjaxprs(eqn.params))
-             for eqn in jaxpr.eqns)
+  return bool(convolutions(jaxpr))
 
 
 def _rewritten(closed: jax_core.ClosedJaxpr) -> Any:

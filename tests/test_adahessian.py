@@ -247,28 +247,18 @@ def test_non_separable_with_probes_reproduced_in_numpy(x64):
     np.testing.assert_allclose(flat(got[t]), x, rtol=1e-9, err_msg=f"step {t}")
 
 
-def test_clip_threshold_matches_numpy_reference(x64):
-  coef, p0 = _coefficients(11), _params0(12)
+@pytest.mark.parametrize("option,value,seed", [
+    ("clip_threshold", 0.3, 11), ("rms_clip_threshold", 0.05, 13)])
+def test_clips_match_numpy_reference(x64, option, value, seed):
+  coef, p0 = _coefficients(seed), _params0(seed + 1)
   case = dict(CASES[0], wd=0.01)
-  want = numpy_adahessian(coef, p0, 10, clip=0.3, **case)
+  reference = {"clip_threshold": "clip", "rms_clip_threshold": "rms_clip"}
+  want = numpy_adahessian(coef, p0, 10, **{reference[option]: value}, **case)
   unclipped = numpy_adahessian(coef, p0, 10, **case)
   # The clip is active: the runs differ.
   assert max(np.abs(want[-1][k] - unclipped[-1][k]).max() for k in p0) > 1e-3
   tx = aho.adahessian(case["lr"], weight_decay=case["wd"], key=0,
-                      spatial_averaging=JAX_RULES, clip_threshold=0.3)
-  got, _ = run_optax(tx, _jax_loss(coef), p0, 10)
-  assert_trajectories_close(got, want)
-
-
-def test_rms_clip_threshold_matches_numpy_reference(x64):
-  coef, p0 = _coefficients(13), _params0(14)
-  case = dict(CASES[0], wd=0.01)
-  want = numpy_adahessian(coef, p0, 10, rms_clip=0.05, **case)
-  unclipped = numpy_adahessian(coef, p0, 10, **case)
-  # The clip is active on some leaves: the runs differ.
-  assert max(np.abs(want[-1][k] - unclipped[-1][k]).max() for k in p0) > 1e-3
-  tx = aho.adahessian(case["lr"], weight_decay=case["wd"], key=0,
-                      spatial_averaging=JAX_RULES, rms_clip_threshold=0.05)
+                      spatial_averaging=JAX_RULES, **{option: value})
   got, _ = run_optax(tx, _jax_loss(coef), p0, 10)
   assert_trajectories_close(got, want)
 
@@ -706,18 +696,6 @@ def _run_interval(loss, params, steps, interval):
   return out, state, step
 
 
-def _convs(jaxpr, inside_cond=False) -> list:
-  """`(inside a cond?, dimension numbers)` of every convolution."""
-  from adahessian_optax import _xla_cpu  # pylint: disable=import-outside-toplevel
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive is jax.lax.conv_general_dilated_p:
-      found.append((inside_cond, eqn.params["dimension_numbers"]))
-    for sub in _xla_cpu._subjaxprs(eqn.params):  # pylint: disable=protected-access
-      found += _convs(sub, inside_cond or eqn.primitive.name == "cond")
-  return found
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="the convolutions are rewritten on XLA:CPU only")
 def test_run_time_refresh_of_a_convolution_on_cpu_uses_a_fast_cond():
@@ -734,7 +712,8 @@ def test_run_time_refresh_of_a_convolution_on_cpu_uses_a_fast_cond():
   jaxpr = jax.make_jaxpr(lambda p, s: tx.update(
       jax.grad(loss)(p), s, p, value_fn=loss))(kernel, tx.init(kernel)).jaxpr
   assert str(jaxpr).count(" cond[") == 1
-  in_cond = [n for inside, n in _convs(jaxpr) if inside]
+  in_cond = [n for within, n in _xla_cpu.convolutions(jaxpr)
+             if "cond" in within]
   assert len(in_cond) >= 3  # the forward, and the backward's two kinds
   assert all(n == _xla_cpu._canonical_numbers(4)  # pylint: disable=protected-access
              for n in in_cond)

@@ -150,18 +150,6 @@ def test_estimator_transformation_with_sophia():
   np.testing.assert_allclose(params, target, atol=5e-3)
 
 
-def _cond_convs(jaxpr, in_cond=False) -> list:
-  """The dimension numbers of the convolutions inside `cond` branches."""
-  from adahessian_optax import _xla_cpu  # pylint: disable=import-outside-toplevel
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive is jax.lax.conv_general_dilated_p and in_cond:
-      found.append(eqn.params["dimension_numbers"])
-    for sub in _xla_cpu._subjaxprs(eqn.params):  # pylint: disable=protected-access
-      found += _cond_convs(sub, in_cond or eqn.primitive.name == "cond")
-  return found
-
-
 @pytest.mark.standard_promotion  # optax.contrib.sophia
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="the convolutions are rewritten on XLA:CPU only")
@@ -190,7 +178,9 @@ def test_estimator_inside_sophias_cond_has_fast_convolutions(monkeypatch):
                               hessian_diagonal_fn=aho.hutchinson_estimator(
                                   key=0))
     fn = lambda p, s: tx.update(jax.grad(loss)(p), s, p, obj_fn=loss)
-    convs = _cond_convs(jax.make_jaxpr(fn)(params, tx.init(params)).jaxpr)
+    convs = [n for within, n in _xla_cpu.convolutions(
+        jax.make_jaxpr(fn)(params, tx.init(params)).jaxpr)
+             if "cond" in within]
     step, p, s = jax.jit(fn), params, tx.init(params)
     for _ in range(3):
       u, s = step(p, s)

@@ -17,13 +17,7 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
 
 def _convs(jaxpr) -> list:
   """The dimension numbers of every convolution, nested ones included."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive is jax.lax.conv_general_dilated_p:
-      found.append(eqn.params["dimension_numbers"])
-    for sub in _xla_cpu._subjaxprs(eqn.params):  # pylint: disable=protected-access
-      found += _convs(sub)
-  return found
+  return [n for _, n in _xla_cpu.convolutions(jaxpr)]
 
 
 def _conv(x, w, numbers, **kw):
