@@ -7,10 +7,11 @@ over batches) and builds an operator on the float leaves of the params:
 * traced (inside ``jax.jit`` or another transformation): ``lax`` loops, and
   :func:`jax.linearize` of the gradient, so one primal pass and a tangent
   pass per product;
-* concrete (called outside any transformation): Python loops around
-  jitted programs, one primal pass per call (its residuals kept) and a
-  tangent pass per product (the closure traced afresh on each call, the
-  compiled programs reused while the trace is the same);
+* concrete (called outside any transformation): one jitted primal pass
+  per call (its residuals kept), then the whole algorithm, its loops
+  traced, as one compiled program that takes the residuals (the closure
+  traced afresh on each call, both programs reused while the trace is the
+  same);
 * a :class:`DatasetLoss`: Python loops around a jitted forward-over-reverse
   product per batch.
 
@@ -215,7 +216,9 @@ class _Operator(NamedTuple):
 
   `split` picks the leaves of the params the operator acts on (those `wrt`
   selects); `mask` holds, per leaf, the 0/1 entries `wrt` keeps (None for
-  all), and `dim` their number.
+  all), and `dim` their number. `placement`, per leaf, the sharding its
+  probes take when the params are concrete and on several devices (None:
+  where XLA puts them).
   """
 
   matvec: Callable[[list], list]
@@ -224,6 +227,7 @@ class _Operator(NamedTuple):
   mask: list
   dim: int
   loops: _lanczos.Loops
+  placement: Optional[tuple] = None
 
 
 def _is_concrete(x: Any) -> bool:
@@ -307,11 +311,8 @@ def _product_of(product: Any, leaves: list, v: list) -> list:
   return _tree.widen(product(_in_dtypes_of(v, leaves)))
 
 
-_tangent_pass = jax.jit(_product_of)
-
-
 def _jittable(matvec: Any) -> bool:
-  """Whether `matvec` is a Partial a jitted loop step can take as argument."""
+  """Whether `matvec` is a Partial a jitted program can take as argument."""
   return isinstance(matvec, jax.tree_util.Partial)
 
 
@@ -339,17 +340,16 @@ def _traced_halves(value_fn: Any, leaves: list) -> Any:
 
 
 def _host_closure(value_fn: Any, leaves: list) -> Any:
-  """A jitted product for a closure called outside any transformation.
+  """The product of a closure called outside any transformation, a Partial.
 
   One jitted primal pass (a linearization: of the gradient, or of a GGN's
-  forward) keeps its residuals, then each product is a jitted tangent pass:
-  Python loops around it run each as its own program, which on XLA:CPU is
-  faster for convolutions (about 3x for a small CNN) than inside a ``lax``
-  loop. The closure is traced afresh on every call (what it reads from
-  Python enters as it is now); the arrays it captures are passed to the
-  program, not embedded in it, and the compiled program is reused when the
-  trace is the same as an earlier call's. None when the closure captures a
-  tracer.
+  forward) keeps its residuals; the Partial holds them, and its structure
+  holds the tangent pass's jaxpr, so :func:`_run` compiles the algorithm
+  around it once per trace. The closure is traced afresh on every call
+  (what it reads from Python enters as it is now); the arrays it captures
+  are passed to the program, not embedded in it, and the compiled program
+  is reused when the trace is the same as an earlier call's. None when the
+  closure captures a tracer.
   """
   closed = _traced_halves(value_fn, leaves)
   consts = tuple(c.consts for c in closed)
@@ -362,9 +362,7 @@ def _host_closure(value_fn: Any, leaves: list) -> Any:
   _HOST_PRODUCTS[signature] = step  # newest last
   while len(_HOST_PRODUCTS) > _HOST_PROGRAMS:
     _HOST_PRODUCTS.popitem(last=False)
-  # A Partial, so that each step of the Python loops (product, Lanczos
-  # update and stopping test) can run as one program.
-  return jax.tree_util.Partial(_tangent_pass, step(consts, leaves), leaves)
+  return jax.tree_util.Partial(_product_of, step(consts, leaves), leaves)
 
 
 @jax.jit
@@ -376,15 +374,12 @@ def _scale_apply(matvec, scale, v):
   return _times(scale, matvec(_times(scale, v)))
 
 
-_scale_step = jax.jit(_scale_apply)
-
-
 def _scaled(matvec: Callable[[list], list], scale: list) -> Callable:
   """`v -> S matvec(S v)` for the diagonal `S` (None: the identity)."""
   if all(s is None for s in scale):
     return matvec
   if _jittable(matvec):
-    return jax.tree_util.Partial(_scale_step, matvec, scale)
+    return jax.tree_util.Partial(_scale_apply, matvec, scale)
   return functools.partial(_scale_apply, matvec, scale)
 
 
@@ -425,6 +420,7 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
   # NumPy leaves are concrete too: placed as JAX arrays, like jit would.
   leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x
             for x in split.select(params)]
+  _check_auto_sharded(leaves, owner)
   mask = [None if m is None else jnp.asarray(m, _tree.at_least_float32(
       x.dtype)) for m, x in zip(mask, leaves)]
   scale = mask
@@ -444,7 +440,7 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
           "concrete params (each batch's product is jitted already)")
     matvec = functools.partial(value_fn._dataset_product, split, params)
     return _Operator(_scaled(matvec, scale), leaves, split, mask, dim,
-                     _lanczos.HOST)
+                     _lanczos.HOST, _placement(leaves))
   value_fn = _checks.check_value_fn(value_fn, None, owner)
   restricted = _restricted(value_fn, params, split)
   # A SubBatchValueFn's products are its head's: the curvature core's.
@@ -453,7 +449,7 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
     matvec = _host_closure(restricted, leaves)
     if matvec is not None:
       return _Operator(_scaled(matvec, scale), leaves, split, mask, dim,
-                       _lanczos.HOST)
+                       _lanczos.HOST, _placement(leaves))
   product = functools.partial(
       _xla_cpu.call, _linearize(restricted, leaves, axis_name=axis_name)[2])
 
@@ -464,16 +460,42 @@ def _operator(value_fn: Any, params: Any, key: jax.Array,
                    _lanczos.TRACED)
 
 
+def _run(op: _Operator, algorithm: Callable, *args: Any, **static: Any):
+  """`algorithm(op, *args, **static)`, for a closure called outside jit as
+  one compiled program.
+
+  Such a closure's product is a Partial of its primal pass's residuals
+  (:func:`_host_closure`): the algorithm then runs with its loops traced,
+  in one program that takes the Partial, cached by the product's jaxpr
+  (in the Partial's structure), the shapes and `static` (hashable). A
+  Python loop of per-step programs would pay a dispatch and a host sync a
+  step, several times a small model's product.
+  """
+  if op.loops is _lanczos.HOST and _jittable(op.matvec):
+    return _program(op.matvec, op.leaves, op.mask, args, algorithm=algorithm,
+                    split=op.split, dim=op.dim, placement=op.placement,
+                    static=tuple(sorted(static.items())))
+  return algorithm(op, *args, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("algorithm", "split", "dim",
+                                             "placement", "static"))
+def _program(matvec, leaves, mask, args, *, algorithm, split, dim, placement,
+             static):
+  # The convolutions of the product in the layout XLA:CPU runs fast inside
+  # loops (see _xla_cpu).
+  op = _Operator(functools.partial(_xla_cpu.call, matvec), leaves, split,
+                 mask, dim, _lanczos.TRACED, placement)
+  return algorithm(op, *args, **dict(static))
+
+
 def _negate_apply(matvec, v):
   return _lanczos.scale(matvec(v), -1)
 
 
-_negate_step = jax.jit(_negate_apply)
-
-
 def _negated(op: _Operator) -> _Operator:
   if _jittable(op.matvec):
-    return op._replace(matvec=jax.tree_util.Partial(_negate_step, op.matvec))
+    return op._replace(matvec=jax.tree_util.Partial(_negate_apply, op.matvec))
   return op._replace(matvec=functools.partial(_negate_apply, op.matvec))
 
 
@@ -489,14 +511,36 @@ def _draw(op: _Operator, key: jax.Array, distribution: str = "rademacher"):
 
   The trace, the spectrum and the eigenvalues draw their probes from this
   one sequence, so with the same key the `s`-th Hutchinson probe is the
-  start of the `s`-th Lanczos run. Outside jit each probe is placed like
-  its parameter (traced, XLA propagates the params' shardings).
+  start of the `s`-th Lanczos run. For concrete params each probe is
+  placed like its parameter (under the caller's jit, XLA propagates the
+  params' shardings).
   """
   key, z = _next_probe(key, op.leaves, distribution)
   z = _masked(op, z)
-  z = [jax.device_put(v, x.sharding) if _is_concrete(v) and _is_concrete(x)
-       else v for v, x in zip(z, op.leaves)]
+  if op.placement is not None:
+    z = [jax.device_put(v, s)
+         for v, s in zip(z, op.placement)]
   return key, z
+
+
+def _check_auto_sharded(leaves: list, owner: str):
+  """Leaves sharded over a mesh's explicit axes are refused by name."""
+  for x in leaves:
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    if spec is not None and any(p is not None for p in spec):
+      raise NotImplementedError(
+          f"{owner}: a leaf of shape {x.shape} is sharded over explicit mesh "
+          f"axes ({spec}), which the analysis does not support yet: build "
+          "the mesh with automatic axes, jax.make_mesh(shape, names, "
+          "axis_types=(AxisType.Auto,) * len(names))")
+
+
+def _placement(leaves: list) -> Optional[tuple]:
+  """The leaves' shardings, when concrete and some on several devices."""
+  if all(_is_concrete(x) for x in leaves) and any(
+      len(x.sharding.device_set) > 1 for x in leaves):
+    return tuple(x.sharding for x in leaves)
+  return None
 
 
 def _masked(op: _Operator, v: list) -> list:
@@ -566,19 +610,9 @@ class HessianTrace(NamedTuple):
   samples: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("distribution",))
-def _probe_sample(matvec, key, leaves, mask, distribution):
-  """`(key, <z_l, (Hz)_l>)` for the next probe, as one program."""
-  key, z = _next_probe(key, leaves, distribution)
-  z = [v if m is None else v * m.astype(v.dtype) for v, m in zip(z, mask)]
-  return key, _lanczos.leaf_dots(z, matvec(z))
-
-
 def _hutchinson(op: _Operator, key: jax.Array, n: int, distribution: str):
   """Per-leaf samples `<z_l, (Hz)_l>`, shape `(n, leaves)`."""
   def one(key):
-    if op.loops is _lanczos.HOST and _jittable(op.matvec):
-      return _probe_sample(op.matvec, key, op.leaves, op.mask, distribution)
     key, z = _draw(op, key, distribution)
     return key, _lanczos.leaf_dots(z, op.matvec(z))
 
@@ -751,10 +785,12 @@ def hessian_trace(
   key = _probes.key_data(key, owner)
   op = _operator(value_fn, params, key, axis_name, owner, wrt, preconditioner)
   if method == "hutchinson":
-    samples = _hutchinson(op, key, n_samples, distribution)
+    samples = _run(op, _hutchinson, key, n=n_samples,
+                   distribution=distribution)
     exact = jnp.zeros(samples.shape[1], samples.dtype)
   else:
-    exact, samples = _hutch_plus_plus(op, key, n_samples, distribution)
+    exact, samples = _run(op, _hutch_plus_plus, key, n=n_samples,
+                          distribution=distribution)
   estimate, stderr, per_leaf, per_leaf_stderr, totals = _summary(exact,
                                                                  samples)
   _check_finite(op, owner, estimate)
@@ -836,6 +872,14 @@ def _warm_start(op: _Operator, init: Any, owner: str) -> list:
           f"parameter's shape {x.shape} with a leading vector axis")
     v0.append(jnp.sum(_tree.widen([v])[0], axis=0))
   return _masked(op, v0)
+
+
+def _top_pairs(op: _Operator, v0: list, n_steps: int, k: int, tol: float):
+  """`(theta, vectors, residuals, steps, converged)` of a Lanczos run from
+  `v0` until the `k` largest pairs meet `tol`."""
+  state, n, done = _lanczos.lanczos_until_converged(
+      op.matvec, v0, n_steps, k, tol, op.loops, dim=op.dim)
+  return (*_lanczos.top_pairs(state, n, k), n, done)
 
 
 def hessian_eigenvalues(
@@ -961,9 +1005,8 @@ def hessian_eigenvalues(
   _, v0 = _draw(op, key)
   if init is not None:
     v0 = _start_near(_warm_start(op, init, owner), v0)
-  state, n, done = _lanczos.lanczos_until_converged(
-      op.matvec, v0, n_steps, k, tol, op.loops, dim=dim)
-  theta, vectors, residuals = _lanczos.top_pairs(state, n, k)
+  theta, vectors, residuals, n, done = _run(op, _top_pairs, v0,
+                                            n_steps=n_steps, k=k, tol=tol)
   _check_finite(op, owner, theta)
   values = -theta if which == "smallest" else theta
   return Eigenpairs(values, _stacked_like(op, params, vectors, k),
@@ -1044,6 +1087,18 @@ class SpectralDensity(NamedTuple):
       ax.set_ylim(bottom=density.max() * 1e-8)
     ax.set(xlabel="eigenvalue", ylabel="density")
     return ax
+
+
+def _quadratures(op: _Operator, key: jax.Array, n_samples: int,
+                 n_steps: int):
+  """`(nodes, weights)` of `n_samples` Lanczos runs of `n_steps` steps, each
+  from the next probe."""
+  def one(key):
+    key, v0 = _draw(op, key)
+    state = _lanczos.lanczos(op.matvec, v0, n_steps, op.loops)
+    return key, _lanczos.quadrature(state)
+
+  return op.loops.scan(one, key, n_samples)[1]
 
 
 def hessian_spectrum(
@@ -1134,13 +1189,8 @@ def hessian_spectrum(
   _check_steps("n_steps", n_steps, 1, _dimension(params, owner, wrt),
                "Lanczos steps per probe")
   op = _operator(value_fn, params, key, axis_name, owner, wrt, preconditioner)
-
-  def one(key):
-    key, v0 = _draw(op, key)
-    state = _lanczos.lanczos(op.matvec, v0, n_steps, op.loops)
-    return key, _lanczos.quadrature(state)
-
-  nodes, weights = op.loops.scan(one, key, n_samples)[1]
+  nodes, weights = _run(op, _quadratures, key, n_samples=n_samples,
+                        n_steps=n_steps)
   _check_finite(op, owner, nodes)
   return SpectralDensity(nodes, weights)
 

@@ -8,9 +8,9 @@ per-leaf reductions, accumulated in the widest of the leaves' dtypes.
 
 The same algorithms run under two kinds of loop (:class:`Loops`): ``lax``
 loops for a traced matvec (jit-compatible) and Python loops for a matvec that
-runs as programs of its own (a closure called outside jit, a pass over a
-dataset's batches). The array steps are jitted functions, shared by both;
-in Python loops each compiles once per shape and is reused across calls.
+runs as programs of its own (a pass over a dataset's batches). The array
+steps are jitted functions, shared by both; in Python loops each compiles
+once per shape and is reused across calls.
 
 matfree's Lanczos is not used: it ravels the pytree into one vector (which
 gathers sharded params and casts mixed float32/bfloat16 leaves to one
@@ -255,24 +255,10 @@ def absorb(state: Krylov, i: Any, w: list) -> Krylov:
   return Krylov(basis, alpha, beta, state.restarts + broke.astype(jnp.int32))
 
 
-def _fused(loops: Loops, matvec: Any) -> bool:
-  """Whether Python loops run each step as one program: when the matvec is a
-  Partial of jitted products, which the step's program can take as an
-  argument (one dispatch a step instead of four)."""
-  return loops is HOST and isinstance(matvec, jax.tree_util.Partial)
-
-
-@jax.jit
-def _product_step(matvec, state: Krylov, i: Any) -> Krylov:
-  return absorb(state, i, matvec(row(state.basis, i)))
-
-
 def lanczos(matvec: Callable[[list], list], v0: list, num_steps: int,
             loops: Loops) -> Krylov:
   """`num_steps` Lanczos steps from `v0`: one matvec each."""
   def body(i, state):
-    if _fused(loops, matvec):
-      return _product_step(matvec, state, i)
     return absorb(state, i, matvec(row(state.basis, i)))
 
   return loops.fori_loop(0, num_steps, body, start(v0, num_steps))
@@ -378,8 +364,6 @@ def lanczos_until_converged(matvec: Callable[[list], list], v0: list,
 
   def body(carry):
     state, n, _ = carry
-    if _fused(loops, matvec):
-      return _product_step_and_check(matvec, state, n, k, tol, dim)
     return _step_and_check(state, n, matvec(row(state.basis, n)), k, tol,
                            dim)
 
@@ -400,11 +384,6 @@ def _running(n, done, max_steps, alpha):
 def _step_and_check(state, n, w, k, tol, dim):
   state = absorb(state, n, w)
   return state, n + 1, converged(state.alpha, state.beta, n + 1, k, tol, dim)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "dim"))
-def _product_step_and_check(matvec, state, n, k, tol, dim):
-  return _step_and_check(state, n, matvec(row(state.basis, n)), k, tol, dim)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))

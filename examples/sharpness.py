@@ -21,8 +21,13 @@ measurement takes warm-started and from a random start.
 
     python examples/sharpness.py            # about 6 minutes on 2 cores
     python examples/sharpness.py --smoke    # seconds, for tests
-    python examples/sharpness.py --jit      # measurements as one program
-                                            # each (for accelerators)
+    python examples/sharpness.py --jit      # each measurement inside one
+                                            # jitted function of the state
+
+Without ``--jit`` each measurement calls the analysis on concrete arrays
+(the preconditioner read in Python), which runs each Lanczos run as its own
+compiled program; with it, one jitted function reads the preconditioner
+from the training state and runs both Lanczos runs.
 
 It prints two tables, writes ``sharpness.json`` and ``sharpness.png`` to
 ``--out`` (default ``results/``); a full run also copies the plot to
@@ -158,10 +163,9 @@ class Tracker:
   def _pairs(self, model_graphdef, params, rest, p, init, step: int,
              tol=None) -> dict:
     tol = tol or self.tol
-    data = aho.DatasetLoss(_params_loss(model_graphdef),
-                           [(rest, self.x, self.y)],
-                           size_fn=lambda batch: len(batch[2]))
-    return _measure(data, params, p, init, step, self.kinds, tol,
+    loss = _params_loss(model_graphdef)
+    return _measure(lambda q: loss(q, (rest, self.x, self.y)), params, p,
+                    init, step, self.kinds, tol,
                     self.n_steps if tol == self.tol else None)
 
   def _checked(self, pairs: dict, point: dict, suffix: str, *args) -> dict:
@@ -308,50 +312,54 @@ def _mean(values) -> float:
 
 def cost(batches, data, args):
   """Seconds of a run with and without tracking every `args.cost_every`
-  steps: the fastest of `args.repeats` tracked runs per setting, against
-  the fastest of the untracked runs interleaved with them (the same run for
-  every setting), so that other load on the machine only adds time."""
+  steps, in `args.repeats` pairs per setting (an untracked run, then a
+  tracked one): the cost is the median over pairs of tracked ÷ untracked,
+  so that a drift in the machine's speed cancels within each pair, and the
+  time inside the measurements is the fastest pair's. The timed runs track
+  warm-started only; one more, untimed, repeats each measurement from a
+  random start to count the products that saves (a repeat inside a timed
+  run would overlap the warm measurement, which runs asynchronously, and
+  hide part of its time)."""
   rows = []
   for name in OPTIMIZERS:
     lr = SPECS[name].learning_rate
     run(name, lr, batches, args)  # compiles the step
-    plain, first = [], len(rows)
+    at = set(range(args.cost_every, len(batches), args.cost_every))
     for n, tol, n_steps, kinds in args.cost_settings:
       eval_batch = (jnp.asarray(data[0][:n]), jnp.asarray(data[1][:n]))
-      tracked = []
+      tracker = functools.partial(Tracker, name, *eval_batch, tol=tol,
+                                  n_steps=n_steps, kinds=kinds, jit=args.jit)
+      # Untimed: compiles the measurement; counts warm and cold products.
+      counted = run(name, lr, batches, args,
+                    tracker=tracker(compare_cold=True), at=at)
+      pairs = []
       for _ in range(args.repeats):
-        plain.append(run(name, lr, batches, args)["seconds"])
-        # Cold repeats are untimed; the first tracked call starts cold too.
-        tracker = Tracker(name, *eval_batch, tol=tol, n_steps=n_steps,
-                          kinds=kinds, compare_cold=True, jit=args.jit)
-        record = run(name, lr, batches, args, tracker=tracker,
-                     at=set(range(args.cost_every, len(batches),
-                                  args.cost_every)))
-        tracked.append((record["seconds"], record["tracking_s"]))
-      warm = record["points"][1:]  # the first call has no earlier vector
+        plain = run(name, lr, batches, args)["seconds"]
+        record = run(name, lr, batches, args, tracker=tracker(), at=at)
+        pairs.append((plain, record["seconds"], record["tracking_s"]))
+      warm = counted["points"][1:]  # the first call has no earlier vector
       products = lambda key, pts: _mean(
           [sum(p[f"{kind}{key}"] for kind in kinds) for p in pts])
+      calls = len(record["points"])
       rows.append({
           "name": name, "learning_rate": lr, "eval_size": n, "tol": tol,
-          "n_steps": n_steps, "kinds": list(kinds),
-          "calls": len(record["points"]),
-          "tracked_s": min(t for t, _ in tracked),
-          "ms_per_call": 1e3 * min(c for _, c in tracked)
-                         / len(record["points"]),
+          "n_steps": n_steps, "kinds": list(kinds), "calls": calls,
+          "plain_s": statistics.median(p for p, _, _ in pairs),
+          "tracked_s": statistics.median(t for _, t, _ in pairs),
+          "overhead": statistics.median(t / p - 1 for p, t, _ in pairs),
+          "ms_per_call": 1e3 * min(c for _, _, c in pairs) / calls,
+          "measuring": min(c / p for p, _, c in pairs),
           "warm_products": products("_products", warm),
           "cold_products": products("_cold_products", warm),
-          "points": record["points"]})
-    for row in rows[first:]:
-      row["plain_s"] = min(plain)
-      row["overhead"] = row["tracked_s"] / row["plain_s"] - 1
+          "points": counted["points"]})
   return rows
 
 
 def cost_table(rows) -> str:
   lines = ["| optimizer | tracked | Hessian batch | tol | n_steps | calls "
            "| run s | tracked run s | cost | ms per call "
-           "| products per call: warm | cold |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| measuring ÷ run | products per call: warm | cold |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     what = ("both" if len(r["kinds"]) == 2
             else "λmax(P⁻¹H) only")
@@ -360,7 +368,7 @@ def cost_table(rows) -> str:
         f"| {r['n_steps'] or 'default (100)'} | {r['calls']} "
         f"| {r['plain_s']:.2f} | {r['tracked_s']:.2f} "
         f"| {100 * r['overhead']:+.0f}% | {r['ms_per_call']:.0f} "
-        f"| {r['warm_products']:.1f} "
+        f"| {100 * r['measuring']:.0f}% | {r['warm_products']:.1f} "
         f"| {r['cold_products']:.1f} |")
   return "\n".join(lines)
 
@@ -475,12 +483,11 @@ def main(argv=None) -> None:
                       help="steps between the timed measurements (default "
                            "100; 3 with --smoke)")
   parser.add_argument("--repeats", type=int, default=None,
-                      help="timed pairs of runs per setting, the fastest "
+                      help="timed pairs of runs per setting, their median "
                            "kept (default 3; 1 with --smoke)")
   parser.add_argument("--jit", action="store_true",
-                      help="each measurement as one compiled program (lax "
-                           "loops, the preconditioner read inside): the "
-                           "cheapest way to track")
+                      help="each measurement as one jitted function of the "
+                           "training state (the preconditioner read inside)")
   parser.add_argument("--cost-sizes", type=int, nargs="+", default=None,
                       help="only the cost settings of these Hessian batch "
                            "sizes")
@@ -540,8 +547,8 @@ def main(argv=None) -> None:
               f"{args.n_steps}); thresholds 2/η and 38/η at each step's "
               "rate η:", trajectory_table(rows, args.steps_per_epoch)]
   if costs:
-    parts += [f"Cost of tracking every {args.cost_every} steps (fastest "
-              f"of {args.repeats}):", cost_table(costs)]
+    parts += [f"Cost of tracking every {args.cost_every} steps (medians "
+              f"of {args.repeats} pairs of runs):", cost_table(costs)]
   report = "\n\n".join(parts)
   print("\n" + report)
 

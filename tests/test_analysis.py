@@ -345,13 +345,25 @@ def test_sharded_params_and_batch_match_unsharded(mlp_reference):
   params = jax.device_put(
       params, {k: NamedSharding(mesh, s) for k, s in specs.items()})
   batch = jax.device_put(batch, NamedSharding(mesh, P("d")))
-  # Eager: Python loops around jitted products (the reference ran in lax
-  # loops under jit).
+  # Concrete params: one program of our own, the probes placed like the
+  # params (the reference ran inside the caller's jit).
   got = _analyse(lambda p: _mlp_loss(p, batch), params)
   _assert_same_analysis(got, mlp_reference)
   vectors = got[0][1]
   assert vectors["w1"].sharding.is_equivalent_to(
       NamedSharding(mesh, P(None, None, "d")), 3)
+
+
+def test_explicit_mesh_axes_are_refused_by_name():
+  if jax.device_count() < N_DEVICES:
+    pytest.skip(f"needs {N_DEVICES} devices")
+  mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(AxisType.Explicit,))
+  w = jax.device_put(jnp.ones((8, 3)), NamedSharding(mesh, P("d")))
+  loss = lambda p: jnp.sum(p ** 4)
+  with pytest.raises(NotImplementedError, match="explicit mesh axes"):
+    aho.hessian_trace(loss, {"w": w}, 0)
+  with pytest.raises(NotImplementedError, match="explicit mesh axes"):
+    jax.jit(lambda w: aho.hessian_eigenvalues(loss, w, 0).values)(w)
 
 
 def test_sharded_leaves_stay_sharded_without_gathers():
