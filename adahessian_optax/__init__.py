@@ -48,7 +48,7 @@ from adahessian_optax._spatial import mean_over_axes
 from adahessian_optax._spatial import MeanOverAxes
 from adahessian_optax._spatial import SpatialRule
 
-__version__ = "0.5.1"
+__version__ = "0.5.2"
 
 # Loaded on first use so that importing the package does not need flax.
 _FLAX_NAMES = ("nnx_value_fn", "TrainState")

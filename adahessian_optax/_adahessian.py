@@ -10,7 +10,6 @@ import optax.tree
 
 from adahessian_optax import _checks
 from adahessian_optax import _compose
-from adahessian_optax import _curvature
 from adahessian_optax import _hutchinson
 from adahessian_optax import _layouts
 from adahessian_optax import _probes

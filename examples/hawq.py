@@ -357,7 +357,7 @@ def main(argv=None) -> None:
         "and of the training loss's increase:",
         allocation_table(seeds, budget),
         "Spearman correlation of Σ Ω with the test loss over the "
-        f"allocations within the budget, per seed: "
+        "allocations within the budget, per seed: "
         + ", ".join(f"{r:.2f}" for r in rho[budget])]
   report = "\n\n".join(parts)
   print()

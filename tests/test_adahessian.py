@@ -306,7 +306,7 @@ def test_warmup_cosine_schedule_and_weight_decay_mask(x64):
 
 
 @pytest.mark.slow  # a composition: injected runs against plain ones
-def test_inject_hyperparams_identical_and_changeable():
+def test_inject_hyperparams_same_numbers_and_changeable():
   coef, p0 = _coefficients(9), _params0(10)
   loss = _jax_loss(coef)
   p0 = {k: x.astype(np.float32) for k, x in p0.items()}
@@ -315,9 +315,10 @@ def test_inject_hyperparams_identical_and_changeable():
       learning_rate=0.1, key=3)
   want, _ = run_optax(plain, loss, p0, 5)
   got, state = run_optax(injected, loss, p0, 5)
+  # To rounding: a traced rate and a folded constant may round differently.
   for g, w in zip(got, want):
     for k in w:
-      np.testing.assert_array_equal(g[k], w[k])
+      np.testing.assert_allclose(g[k], w[k], rtol=1e-6, atol=1e-7)
 
   params = got[-1]
   grads = jax.grad(loss)(params)
@@ -726,7 +727,9 @@ def test_run_time_refresh_of_a_convolution_on_cpu_uses_a_fast_cond():
   for t in range(7):
     u, mstate = mstep(params, mstate, t % 3 == 0)
     params = optax.apply_updates(params, u)
-    np.testing.assert_allclose(params, got[t], rtol=1e-5, atol=1e-7)
+    # Two float32 programs (one lax.cond, one static branch) sum in
+    # different orders; a wrong refresh step moves the params by O(lr).
+    np.testing.assert_allclose(params, got[t], rtol=1e-4, atol=1e-6)
   # The estimator's key advances only on refresh steps.
   np.testing.assert_array_equal(mstate[0].estimator.key,
                                 state[0].estimator.key)

@@ -1,7 +1,6 @@
 """Scale-out: jit with NamedSharding, pmap/shard_map with axis_name, and
 jax.distributed with several processes, each against a single-device run."""
 
-import os
 import pathlib
 import re
 import socket
@@ -377,13 +376,11 @@ def _free_port():
 
 
 @pytest.mark.slow  # two processes with jax.distributed, each compiling
-def test_two_processes_match_single_process(tmp_path):
+def test_two_processes_match_single_process(script_env, tmp_path):
   """2 processes x 2 CPU devices train data-parallel on one global batch."""
   steps, timeout = 4, 150.0
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join(
-                 [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  env = dict(script_env, XLA_FLAGS=script_env["XLA_FLAGS"]
+             + " --xla_force_host_platform_device_count=2")
   cmd = [sys.executable, str(ROOT / "examples" / "multihost.py"), "--cpu",
          "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
          "--mode", "both", "--steps", str(steps), "--save", str(tmp_path)]

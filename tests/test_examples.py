@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,24 +14,17 @@ pytest.importorskip("matplotlib")
 # 10 to 20 s each on 2 cores.
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture
+def smoke(run_script, tmp_path):
+  """`smoke(script)` runs examples/`script` with --smoke, writing into
+  tmp_path, and returns its stdout."""
+  return lambda script: run_script(f"examples/{script}", "--smoke",
+                                   "--no-progress", "--out", str(tmp_path))
 
 
-def _run(script, out_dir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             # Smoke runs are compile-bound; XLA's -O0 halves that.
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "examples", script), "--smoke",
-       "--no-progress", "--out", str(out_dir)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stdout + result.stderr
-  return result.stdout
-
-
-def test_digits_smoke(tmp_path):
-  stdout = _run("digits.py", tmp_path)
+def test_digits_smoke(smoke, tmp_path):
+  stdout = smoke("digits.py")
   assert "| AdaHessian |" in stdout and "| Adam |" in stdout
   assert (tmp_path / "digits_loss.png").stat().st_size > 10_000
   results = json.loads((tmp_path / "digits_results.json").read_text())
@@ -44,8 +34,8 @@ def test_digits_smoke(tmp_path):
     assert 0.0 <= r["test_acc"][-1] <= 1.0
 
 
-def test_char_lm_smoke(tmp_path):
-  stdout = _run("char_lm.py", tmp_path)
+def test_char_lm_smoke(smoke, tmp_path):
+  stdout = smoke("char_lm.py")
   assert "| AdaHessian |" in stdout and "| AdamW |" in stdout
   assert (tmp_path / "char_lm_loss.png").stat().st_size > 10_000
   results = json.loads((tmp_path / "char_lm_results.json").read_text())
@@ -56,8 +46,8 @@ def test_char_lm_smoke(tmp_path):
     assert 0.0 < r["final_val_loss"] < 10.0
 
 
-def test_hessian_spectrum_smoke(tmp_path):
-  stdout = _run("hessian_spectrum.py", tmp_path)
+def test_hessian_spectrum_smoke(smoke, tmp_path):
+  stdout = smoke("hessian_spectrum.py")
   assert "| initialisation |" in stdout and "| AdaHessian |" in stdout
   for plot in ("hessian_esd.png", "hessian_top_eigenvalue.png"):
     assert (tmp_path / plot).stat().st_size > 10_000
@@ -75,15 +65,15 @@ def test_hessian_spectrum_smoke(tmp_path):
     assert 0.0 <= r["test_acc"] <= 1.0
 
 
-def test_equinox_cnn_smoke(tmp_path):
+def test_equinox_cnn_smoke(smoke, tmp_path):
   pytest.importorskip("equinox")
-  stdout = _run("equinox_cnn.py", tmp_path)
+  stdout = smoke("equinox_cnn.py")
   assert "| AdaHessian |" in stdout and "| AdamW |" in stdout
   assert (tmp_path / "equinox_cnn_loss.png").stat().st_size > 10_000
 
 
-def test_landscape_smoke(tmp_path):
-  stdout = _run("landscape.py", tmp_path)
+def test_landscape_smoke(smoke, tmp_path):
+  stdout = smoke("landscape.py")
   assert "top eigenvalues:" in stdout
   for plot in ("landscape_1d.png", "landscape_2d.png"):
     assert 10_000 < (tmp_path / plot).stat().st_size < 150_000
@@ -95,8 +85,8 @@ def test_landscape_smoke(tmp_path):
   assert min(r["loss_along_v1"]) <= r["loss_along_v1"][5]
 
 
-def test_sharpness_smoke(tmp_path):
-  stdout = _run("sharpness.py", tmp_path)
+def test_sharpness_smoke(smoke, tmp_path):
+  stdout = smoke("sharpness.py")
   assert "| Adam |" in stdout and "| AdaHessian |" in stdout
   assert 10_000 < (tmp_path / "sharpness.png").stat().st_size < 200_000
   r = json.loads((tmp_path / "sharpness.json").read_text())
@@ -114,8 +104,8 @@ def test_sharpness_smoke(tmp_path):
     assert c["calls"] >= 2 and c["plain_s"] > 0 and c["tracked_s"] > 0
 
 
-def test_hawq_smoke(tmp_path):
-  stdout = _run("hawq.py", tmp_path)
+def test_hawq_smoke(smoke, tmp_path):
+  stdout = smoke("hawq.py")
   assert "| HAWQ-V2 (average trace) |" in stdout
   r = json.loads((tmp_path / "hawq.json").read_text())
   (seed,) = r["seeds"]

@@ -163,10 +163,12 @@ def test_nnx_dropout_mask_of_grad_and_hvp_is_the_same(rngs_at_call):
   # The gradient pass (which advanced the stream) used the mask of the key,
   _allclose(grads, jax.grad(ref)(params), rtol=1e-5, atol=1e-7)
   # and so does the Hessian-vector product of the closure.
+  # (A wrong mask moves entries by O(1); 1e-4 leaves room for two float32
+  # programs that sum in different orders.)
   _, hvp_ref = jax.jvp(jax.grad(ref), (params,), (tangent,))
-  _allclose(hvp, hvp_ref, rtol=1e-5, atol=1e-7)
+  _allclose(hvp, hvp_ref, rtol=1e-4, atol=1e-6)
   diag_ref = aho.hutchinson_diagonal(ref, params, key=4).diagonal
-  _allclose(diag, diag_ref, rtol=1e-5, atol=1e-7)
+  _allclose(diag, diag_ref, rtol=1e-4, atol=1e-6)
   assert not np.allclose(hvp_late["w"], hvp_ref["w"], atol=1e-4)
 
 

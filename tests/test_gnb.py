@@ -3,9 +3,6 @@ and jax.hessian, against a NumPy Sophia-G, and in AdaHessian's steps."""
 
 import functools
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -348,17 +345,10 @@ def test_errors_name_the_problem():
 
 
 @pytest.mark.slow  # a process of its own, compiling the example's programs
-def test_char_lm_example_trains_with_gnb(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
-             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  result = subprocess.run(
-      [sys.executable, os.path.join(root, "examples", "char_lm.py"),
-       "--smoke", "--no-progress", "--out", str(tmp_path), "--optimizers",
-       "AdaHessian-GNB", "Sophia-G", "AdamW"],
-      cwd=root, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stdout + result.stderr
+def test_char_lm_example_trains_with_gnb(run_script, tmp_path):
+  run_script("examples/char_lm.py", "--smoke", "--no-progress", "--out",
+             str(tmp_path), "--optimizers", "AdaHessian-GNB", "Sophia-G",
+             "AdamW")
   results = json.loads((tmp_path / "char_lm_results.json").read_text())
   assert [r["name"] for r in results] == ["AdaHessian-GNB", "Sophia-G",
                                           "AdamW"]

@@ -1,6 +1,5 @@
 """The Lanczos core on explicit matrices, against NumPy."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

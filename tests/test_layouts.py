@@ -10,7 +10,7 @@ against the exact Hessian of `jax.hessian`.
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import chex
 import equinox as eqx

@@ -2,10 +2,7 @@
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -18,19 +15,12 @@ pytest.importorskip("matplotlib")
 from benchmarks.study import report as study_report  # noqa: E402
 from benchmarks.study import run as study  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.study.run", "--quick",
-       "--no-progress", *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stdout + result.stderr
-  return result.stdout
+@pytest.fixture
+def quick_study(run_script):
+  """`quick_study(*args)` runs the study with --quick; returns its stdout."""
+  return lambda *args: run_script("-m", "benchmarks.study.run", "--quick",
+                                  "--no-progress", *args, timeout=900)
 
 
 def test_score_and_divergence():
@@ -61,8 +51,8 @@ def test_cell_counts_divergences():
 
 
 @pytest.mark.slow  # the whole study, tiny, twice: about a minute
-def test_quick_study_is_cached_and_reported(tmp_path):
-  stdout = _run("--out", str(tmp_path))
+def test_quick_study_is_cached_and_reported(quick_study, tmp_path):
+  stdout = quick_study("--out", str(tmp_path))
   runs = list((tmp_path / "runs").rglob("*.json"))
   assert len(runs) > 50
   done = [int(n) for n in re.findall(r"(\d+) runs done", stdout)]
@@ -82,14 +72,14 @@ def test_quick_study_is_cached_and_reported(tmp_path):
   assert "| AdaHessian |" in tables and "| 10x |" in tables
   assert (tmp_path / "study_lr.png").stat().st_size > 10_000
 
-  again = _run("--out", str(tmp_path), "--part", "small", "cnn", "lm")
+  again = quick_study("--out", str(tmp_path), "--part", "small", "cnn", "lm")
   assert re.findall(r"(\d+) runs done", again) == ["0", "0", "0"]
   assert len(list((tmp_path / "runs").rglob("*.json"))) == len(runs)
 
 
 @pytest.mark.slow  # the second round, tiny: about a minute
-def test_quick_second_round(tmp_path):
-  stdout = _run("--round", "2", "--out", str(tmp_path))
+def test_quick_second_round(quick_study, tmp_path):
+  stdout = quick_study("--round", "2", "--out", str(tmp_path))
   done = [int(n) for n in re.findall(r"(\d+) runs done", stdout)]
   assert len(done) == 4 and all(n > 0 for n in done)
   for part in ("small", "cnn", "lm", "lm-large"):
