@@ -674,13 +674,16 @@ def test_contradictory_refresh_inputs_are_errors(interval, flag, hessian,
 
 
 def _conv_problem():
+  """A convolution with a ridge term: the ridge keeps every curvature
+  estimate near 1, away from 0, where AdaHessian's step 1/|D| would turn
+  the rounding differences of two programs into differences in the run."""
   kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 4)) * 0.3
   x = jax.random.normal(jax.random.key(1), (2, 6, 6, 2))
 
   def loss(k):
     y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jnp.mean(jnp.tanh(y) ** 2)
+    return jnp.mean(jnp.tanh(y) ** 2) + 0.5 * jnp.sum(k ** 2)
   return kernel, loss
 
 
@@ -727,9 +730,7 @@ def test_run_time_refresh_of_a_convolution_on_cpu_uses_a_fast_cond():
   for t in range(7):
     u, mstate = mstep(params, mstate, t % 3 == 0)
     params = optax.apply_updates(params, u)
-    # Two float32 programs (one lax.cond, one static branch) sum in
-    # different orders; a wrong refresh step moves the params by O(lr).
-    np.testing.assert_allclose(params, got[t], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(params, got[t], rtol=1e-5, atol=1e-7)
   # The estimator's key advances only on refresh steps.
   np.testing.assert_array_equal(mstate[0].estimator.key,
                                 state[0].estimator.key)
