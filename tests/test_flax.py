@@ -1,9 +1,6 @@
 """Flax integration: the NNX loss closure and the Linen TrainState."""
 
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -381,7 +378,7 @@ def test_linen_jitted_training_reduces_loss_with_static_refresh():
   assert eval_loss(state) < 0.5 * start
 
 
-def test_import_without_flax():
+def test_import_without_flax(run_script):
   code = (
       "import sys; sys.modules['flax'] = None\n"
       "import adahessian_optax as aho\n"
@@ -405,11 +402,7 @@ def test_import_without_flax():
       "assert 'TrainState' not in names and 'TrainState' not in aho.__all__\n"
       "assert 'flax' not in [m.split('.')[0] for m in sys.modules"
       " if sys.modules[m] is not None]\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr
+  run_script("-c", code, timeout=120)
 
 
 @pytest.mark.slow  # four compiled NNX and Linen programs; the fused and
