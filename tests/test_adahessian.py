@@ -646,7 +646,7 @@ def test_estimator_is_configured_in_one_place():
     (3, None, False, "count % 3"),   # decided at run time
 ])
 def test_refresh_rule(interval, flag, hessian, want):
-  from adahessian_optax import _adahessian  # pylint: disable=import-outside-toplevel
+  from adahessian_optax.optimizer import _adahessian  # pylint: disable=import-outside-toplevel
   count = jnp.int32(6)
   got = _adahessian.refresh_predicate(interval, count, flag,
                                       object() if hessian else None)
@@ -667,7 +667,7 @@ def test_refresh_rule(interval, flag, hessian, want):
 ])
 def test_contradictory_refresh_inputs_are_errors(interval, flag, hessian,
                                                  match):
-  from adahessian_optax import _adahessian  # pylint: disable=import-outside-toplevel
+  from adahessian_optax.optimizer import _adahessian  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=match):
     _adahessian.refresh_predicate(interval, jnp.int32(0), flag,
                                   object() if hessian else None)

@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adahessian_optax as aho
-from adahessian_optax import _analysis
+from adahessian_optax.algorithms import _analysis
 from adahessian_optax import _probes
 
 N_DEVICES = 4

@@ -10,7 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import adahessian_optax as aho
-from adahessian_optax import _curvature
+from adahessian_optax.operators import _curvature
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, PartitionSpec as P
 
 import adahessian_optax as aho
-from adahessian_optax import _gnb
+from adahessian_optax.estimators import _gnb
 from adahessian_optax import _probes
 
 B, D_IN, H, C = 6, 3, 4, 3  # examples, inputs, hidden units, classes

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adahessian_optax import _lanczos
+from adahessian_optax.algorithms import _lanczos
 from adahessian_optax import _tree
 
 SHAPES = ((3, 4), (28,))  # a vector of 40 entries as two leaves

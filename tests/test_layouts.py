@@ -24,7 +24,7 @@ import optax
 import pytest
 
 import adahessian_optax as aho
-from adahessian_optax import _spatial
+from adahessian_optax.optimizer import _spatial
 
 B2 = 0.5
 PROBES = 24

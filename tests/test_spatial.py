@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import adahessian_optax as aho
-from adahessian_optax import _spatial
+from adahessian_optax.optimizer import _spatial
 
 
 def _np_mean_over_axes(x, axes):

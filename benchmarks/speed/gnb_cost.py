@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 import adahessian_optax as aho
-from adahessian_optax import _gnb
+from adahessian_optax.estimators import _gnb
 from benchmarks.common import models as _models
 from benchmarks.common import report as _report
 from benchmarks.common import timing as _timing

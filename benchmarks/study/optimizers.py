@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 import adahessian_optax as aho
-from adahessian_optax import _spatial as aho_spatial
+from adahessian_optax.optimizer import _spatial as aho_spatial
 from benchmarks.study import sgd_sai
 from benchmarks.study import tasks as study_tasks
 

@@ -21,7 +21,7 @@ import optax
 import optax.tree
 
 from adahessian_optax import _checks
-from adahessian_optax import _curvature
+from adahessian_optax.operators import _curvature
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 from adahessian_optax import _xla_cpu

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from adahessian_optax import _compose
+from adahessian_optax.optimizer import _compose
 from adahessian_optax import _tree
 from adahessian_optax import _xla_cpu
 

@@ -19,10 +19,10 @@ import optax
 import optax.tree
 
 from adahessian_optax import _checks
-from adahessian_optax import _compose
-from adahessian_optax import _curvature
-from adahessian_optax import _ggn
-from adahessian_optax import _hutchinson
+from adahessian_optax.optimizer import _compose
+from adahessian_optax.operators import _curvature
+from adahessian_optax.operators import _ggn
+from adahessian_optax.estimators import _hutchinson
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from adahessian_optax import _spatial
+from adahessian_optax.optimizer import _spatial
 from adahessian_optax import _tree
 
 Path = tuple

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adahessian_optax import _adahessian
+from adahessian_optax.optimizer import _adahessian
 from adahessian_optax import _checks
 
 

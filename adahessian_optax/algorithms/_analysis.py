@@ -15,7 +15,7 @@ over batches) and builds an operator on the float leaves of the params:
 * a :class:`DatasetLoss`: Python loops around a jitted forward-over-reverse
   product per batch.
 
-Vectors stay lists of leaves (see :mod:`adahessian_optax._lanczos`): each
+Vectors stay lists of leaves (see :mod:`adahessian_optax.algorithms._lanczos`): each
 leaf keeps its sharding, and its dtype in the products; sums over leaves are
 accumulated in at least float32.
 """
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_optax import _checks
-from adahessian_optax import _curvature
-from adahessian_optax import _ggn
-from adahessian_optax import _lanczos
+from adahessian_optax.operators import _curvature
+from adahessian_optax.operators import _ggn
+from adahessian_optax.algorithms import _lanczos
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 from adahessian_optax import _xla_cpu

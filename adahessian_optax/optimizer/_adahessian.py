@@ -9,11 +9,11 @@ import optax
 import optax.tree
 
 from adahessian_optax import _checks
-from adahessian_optax import _compose
-from adahessian_optax import _hutchinson
-from adahessian_optax import _layouts
+from adahessian_optax.optimizer import _compose
+from adahessian_optax.estimators import _hutchinson
+from adahessian_optax.optimizer import _layouts
 from adahessian_optax import _probes
-from adahessian_optax import _spatial
+from adahessian_optax.optimizer import _spatial
 from adahessian_optax import _tree
 from adahessian_optax import _xla_cpu
 

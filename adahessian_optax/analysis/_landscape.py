@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_optax import _analysis
+from adahessian_optax.algorithms import _analysis
 from adahessian_optax import _checks
-from adahessian_optax import _curvature
-from adahessian_optax import _lanczos
+from adahessian_optax.operators import _curvature
+from adahessian_optax.algorithms import _lanczos
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 
