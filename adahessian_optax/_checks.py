@@ -112,3 +112,40 @@ def check_value_fn(value_fn: Any, obj_fn: Any, owner: str):
         f"{owner}: value_fn must be a callable params -> scalar loss, got "
         f"{type(fn).__name__}")
   return fn
+
+
+def _is_masked(x: Any) -> bool:
+  import optax  # pylint: disable=import-outside-toplevel
+  return isinstance(x, optax.MaskedNode)
+
+
+def has_masked_node(tree: Any) -> bool:
+  """True when `tree` contains an `optax.MaskedNode` anywhere."""
+  return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+
+
+def call_value_fn(value_fn: Any, params: Any, *batch: Any) -> Any:
+  """`value_fn(params, *batch)`, explaining failures on a masked params tree."""
+  if not has_masked_node(params):
+    return value_fn(params, *batch)
+  try:
+    return value_fn(params, *batch)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise TypeError(
+        "value_fn failed on params that contain optax.MaskedNode: AdaHessian "
+        "runs inside optax.masked or optax.partition, which hide the leaves it "
+        "does not own, so the loss closure gets a partial tree. Pass "
+        "value_fn=adahessian_optax.masked_value_fn(loss, params) (with the "
+        "full params of the training step) to fill the hidden leaves. "
+        f"The closure raised {type(e).__name__}: {e}") from e
+
+
+def find_one(tree: Any, kind: type, what: str, hint: str) -> Any:
+  """The one node of type `kind` in `tree`, or a ValueError naming `what`."""
+  is_kind = lambda x: isinstance(x, kind)
+  found = [x for x in jax.tree.leaves(tree, is_leaf=is_kind) if is_kind(x)]
+  if len(found) != 1:
+    raise ValueError(
+        f"opt_state holds {len(found) or 'no'} {what}; pass the state of an "
+        f"optimizer with exactly one ({hint})")
+  return found[0]

@@ -89,13 +89,18 @@ def rademacher(key_data: jax.Array, leaves: list, n_samples: int) -> list:
   return out
 
 
+def threefry_key(key_data: jax.Array) -> jax.Array:
+  """A typed threefry key made from raw key data, for ``jax.random``."""
+  return jax.random.wrap_key_data(_philox_state(key_data)[:2],
+                                  impl="threefry2x32")
+
+
 def gaussian(key_data: jax.Array, leaves: list, n_samples: int) -> list:
   """`n_samples` probes of standard normal entries, each a list like `leaves`.
 
   Drawn with ``jax.random.normal`` (threefry), one key per probe and leaf.
   """
-  typed = jax.random.wrap_key_data(_philox_state(key_data)[:2],
-                                   impl="threefry2x32")
+  typed = threefry_key(key_data)
   return [optax.tree.random_like(k, leaves, jax.random.normal)
           for k in jax.random.split(typed, n_samples)]
 

@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adahessian_optax as aho
-from adahessian_optax.algorithms import _analysis
+from adahessian_optax.algorithms import _common
 from adahessian_optax import _probes
 
 N_DEVICES = 4
@@ -244,8 +244,9 @@ def test_quadrature_moments_are_exact_to_degree_2m_minus_1(mlp_reference):
   params, _, _, hess = _exact_problem("mlp")
   m = spectrum.nodes.shape[1]
   # The first probe of key 1, as the spectrum drew it.
-  _, z = _analysis._next_probe(_probes.key_data(1, "test"),
-                               jax.tree.leaves(params), "rademacher")
+  shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(params))
+  _, z = _common.next_probe(_probes.key_data(1, "test"), shapes,
+                            "rademacher")
   v = _flat(jax.tree.unflatten(jax.tree.structure(params), z))
   v = v / np.linalg.norm(v)
   nodes = np.asarray(spectrum.nodes[0], np.float64)
@@ -545,9 +546,12 @@ def test_repeated_eigenvalue_hidden_by_an_invariant_subspace(jit):
   assert bool(info.converged) and int(info.n_steps) > 2
 
 
-def test_host_analysis_sees_the_closure_as_it_is_now():
-  # Outside jit the closure is traced on every call: what it reads from
-  # Python (a global, an attribute, a Python int leaf) is never stale.
+def test_programs_are_compiled_per_loss_object_as_jit_does():
+  # Outside jit the programs are cached by the operator's definition (the
+  # loss object, the settings, the shapes), not by tracing the closure on
+  # every call: like jax.jit, a closure's Python reads are fixed at its
+  # first compile, a new closure object is traced afresh, and a Python leaf
+  # of the params is part of the definition.
   box = {"scale": 1.0}
   params = {"w": jnp.ones(3), "repeats": 2}
 
@@ -557,12 +561,14 @@ def test_host_analysis_sees_the_closure_as_it_is_now():
   # H = 2 * repeats * scale * I on w: trace 3 * that, exactly for Rademacher.
   assert float(aho.hessian_trace(loss, params, 0, n_samples=2).estimate) == 12.0
   box["scale"] = 10.0
-  assert float(aho.hessian_trace(loss, params, 0, n_samples=2).estimate) == 120.0
+  assert float(aho.hessian_trace(loss, params, 0, n_samples=2).estimate) == 12.0
+  fresh = lambda p: loss(p)
+  assert float(aho.hessian_trace(fresh, params, 0, n_samples=2).estimate) == 120.0
   params["repeats"] = 1
-  top, _, _ = aho.hessian_eigenvalues(loss, params, 0)
+  top, _, _ = aho.hessian_eigenvalues(fresh, params, 0)
   np.testing.assert_allclose(top, [20.0], rtol=1e-5)
   # NumPy params are concrete params.
-  top, _, _ = aho.hessian_eigenvalues(loss, {"w": np.ones(3), "repeats": 1}, 0)
+  top, _, _ = aho.hessian_eigenvalues(fresh, {"w": np.ones(3), "repeats": 1}, 0)
   np.testing.assert_allclose(top, [20.0], rtol=1e-5)
 
 
@@ -694,22 +700,17 @@ def test_warm_start_converges_in_fewer_products():
   assert int(warm.info.n_steps) <= 0.6 * int(cold2.info.n_steps)
 
 
-def test_deprecated_names_warn_and_still_work():
+def test_names_removed_in_0_6_are_refused():
+  # The 0.3 names, deprecated since 0.4, are gone (CHANGELOG 0.6.0).
   loss = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 5.0) * w ** 2)
   w = jnp.ones(4)
-  with pytest.warns(DeprecationWarning, match="max_steps= is deprecated"):
-    old = aho.hessian_eigenvalues(loss, w, 0, max_steps=4)
-  with pytest.warns(DeprecationWarning, match="return_info= is deprecated"):
-    values, _, info = aho.hessian_eigenvalues(loss, w, 0, return_info=True)
-  np.testing.assert_allclose(old.values, [4.0], rtol=1e-5)
-  np.testing.assert_allclose(values, [4.0], rtol=1e-5)
-  with pytest.warns(DeprecationWarning) as caught:
-    esd = aho.hessian_spectrum(loss, w, 0, num_probes=2, num_steps=4)
-  assert {str(c.message).split(":")[1].split("=")[0].strip()
-          for c in caught} == {"num_probes", "num_steps"}
-  assert esd.nodes.shape == (2, 4)
-  with pytest.raises(TypeError, match="got both max_steps= and n_steps="):
-    aho.hessian_eigenvalues(loss, w, 0, max_steps=4, n_steps=3)
+  for kwargs in ({"max_steps": 4}, {"return_info": True}):
+    with pytest.raises(TypeError, match="unexpected keyword"):
+      aho.hessian_eigenvalues(loss, w, 0, **kwargs)
+  for kwargs in ({"num_probes": 2}, {"num_steps": 4}):
+    with pytest.raises(TypeError, match="unexpected keyword"):
+      aho.hessian_spectrum(loss, w, 0, **kwargs)
+  assert not hasattr(aho, "PerformanceWarning")
 
 
 def test_layer_summary_matches_exact_blocks():

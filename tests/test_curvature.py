@@ -10,7 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import adahessian_optax as aho
-from adahessian_optax.operators import _curvature
+from adahessian_optax.operators import _base
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 
@@ -54,7 +54,9 @@ def test_products_against_jax_hessian():
   hess, unravel = _exact_hessian(loss, params)
   leaves = _tree.FloatLeaves.of(params).select(params)
   vs = _probes.gaussian(jax.random.key_data(jax.random.key(1)), leaves, 2)
-  value, grad, hv = _curvature.value_grad_hvp(loss, params, vs[0])
+  space = _base.Space.of(params)
+  value, grad, hv = aho.Hessian(loss).products(params, space, [vs[0]],
+                                               lambda ts, hs: hs[0])
   np.testing.assert_allclose(value, loss(params), rtol=1e-6)
   want_grad = _float_grad(loss, params)
   np.testing.assert_allclose(
@@ -62,7 +64,7 @@ def test_products_against_jax_hessian():
       rtol=1e-5)
   np.testing.assert_allclose(_flat(hv), hess @ _flat(vs[0]), rtol=1e-4,
                              atol=1e-6)
-  value2, grad2, hvp = _curvature.linearize(loss, params)
+  value2, grad2, hvp = aho.Hessian(loss).linearize(params, space)
   np.testing.assert_allclose(value2, value, rtol=1e-6)
   np.testing.assert_allclose(_flat(grad2), _flat(grad), rtol=1e-6)
   for v in vs:

@@ -128,7 +128,7 @@ def test_draws_averaged_on_the_sub_batch(fraction, head):
   params, x, labels, _ = _data()
   output_fn = lambda p: _mlp(p, x)
   loss = aho.ggn(output_fn, aho.SoftmaxCrossEntropy(labels))
-  state = _gnb.init_state(4, n_samples=2, fraction=fraction)
+  state = aho.gnb_estimator(4, n_samples=2, fraction=fraction).init(None)
   result = jax.jit(lambda p: aho.gnb_diagonal(
       loss, p, 4, n_samples=2, fraction=fraction))(params)
 
@@ -138,7 +138,7 @@ def test_draws_averaged_on_the_sub_batch(fraction, head):
     # draw's gradient from jax.grad, averaged; the true value and gradient.
     _, draw_key = _probes.split(state.key)
     terms = [_sampled_gradient(output_fn, loss.output_loss, params, k, head)
-             for k in _gnb.sample_keys(state, draw_key)]
+             for k in _gnb.sample_keys(state.estimator, draw_key)]
     return (jax.tree.map(lambda *t: sum(t) / len(t), *terms),
             *jax.value_and_grad(loss)(params))
 
@@ -181,7 +181,7 @@ def test_sophia_with_gnb_matches_numpy_sophia_g():
   # NumPy Sophia-G (as optax.contrib.sophia: m bias-corrected, h not; the
   # update uses h before this step's refresh), the estimate N g_hat^2 from
   # labels redrawn with the estimator's key derivation.
-  key = _gnb.init_state(3).key
+  key = aho.gnb_estimator(3).init(None).key
   ref = {n: np.asarray(v, np.float64) for n, v in params.items()}
   m = {n: np.zeros_like(v) for n, v in ref.items()}
   h = {n: np.zeros_like(v) for n, v in ref.items()}
@@ -196,7 +196,8 @@ def test_sophia_with_gnb_matches_numpy_sophia_g():
                     -rho, rho) for n in ref}
     if t % k == 0:
       key, draw_key = _probes.split(key)
-      [sample_key] = _gnb.sample_keys(_gnb.init_state(3), draw_key)
+      [sample_key] = _gnb.sample_keys(aho.gnb_estimator(3).init(None).estimator,
+                                      draw_key)
       est = _sampled_gradient(output_fn, loss.output_loss, at, sample_key, B)
       h = {n: b2 * h[n] + (1 - b2) * np.asarray(est[n], np.float64)
            for n in ref}
@@ -268,8 +269,8 @@ def test_axis_name_gives_the_whole_batch_estimate(mapper):
     loss = aho.ggn(lambda p: _mlp(p, x), aho.SoftmaxCrossEntropy(labels))
     result = aho.gnb_diagonal(loss, params, key, axis_name="i")
     # The labels this device drew, for the reference below.
-    state = _gnb.init_state(key, axis_name="i")
-    [k] = _gnb.sample_keys(state, _probes.split(state.key)[1])
+    state = aho.gnb_estimator(key, axis_name="i").init(None)
+    [k] = _gnb.sample_keys(state.estimator, _probes.split(state.key)[1])
     drawn = _gnb.draw(loss.output_loss, k, _mlp(params, x)).labels
     return result, drawn
 
@@ -307,12 +308,13 @@ def test_state_is_found_serialised_and_configured_once():
   est = aho.gnb_estimator(5, n_samples=2, fraction=0.5, axis_name="d")
   state = aho.adahessian(0.1, estimator=est).init(params)
   inner = state[0].estimator
-  assert isinstance(inner, aho.GNBState)
-  assert (inner.n_samples, inner.fraction, inner.axis_name) == (2, 0.5, "d")
+  assert isinstance(inner, aho.EstimatorState)
+  config = inner.estimator
+  assert (config.n_samples, config.fraction, config.axis_name) == (2, 0.5, "d")
   assert serialization.to_state_dict(inner).keys() == {"key"}
   restored = serialization.from_bytes(state, serialization.to_bytes(state))
   np.testing.assert_array_equal(restored[0].estimator.key, inner.key)
-  with pytest.raises(ValueError, match="holds 2 HutchinsonState or GNBState"):
+  with pytest.raises(ValueError, match="holds 2 EstimatorState"):
     aho.value_grad_and_hessian(jnp.sum, params, (state, state))
 
 

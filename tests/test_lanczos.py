@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from adahessian_optax import _loops
 from adahessian_optax.algorithms import _lanczos
 from adahessian_optax import _tree
 
@@ -28,7 +29,7 @@ def _matvec(a):
   return lambda leaves: _split(a @ _join(leaves))
 
 
-def _run(a, num_steps, loops=_lanczos.TRACED, seed=0):
+def _run(a, num_steps, loops=_loops.TRACED, seed=0):
   v0 = _split(jnp.asarray(np.random.default_rng(seed).choice([-1.0, 1.0], 40),
                           jnp.float32))
   return _lanczos.lanczos(_matvec(a), v0, num_steps, loops)

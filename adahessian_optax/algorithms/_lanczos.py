@@ -6,11 +6,11 @@ the basis vectors, so every leaf of the basis can be sharded like its
 parameter and nothing is raveled into one array. Inner products are sums of
 per-leaf reductions, accumulated in the widest of the leaves' dtypes.
 
-The same algorithms run under two kinds of loop (:class:`Loops`): ``lax``
-loops for a traced matvec (jit-compatible) and Python loops for a matvec that
-runs as programs of its own (a pass over a dataset's batches). The array
-steps are jitted functions, shared by both; in Python loops each compiles
-once per shape and is reused across calls.
+The same algorithms run under two kinds of loop (:mod:`adahessian_optax._loops`):
+``lax`` loops for a traced matvec and Python loops for a matvec that runs as
+programs of its own (a pass over a dataset's batches). The array steps are
+jitted functions, shared by both; in Python loops each compiles once per
+shape and is reused across calls.
 
 matfree's Lanczos is not used: it ravels the pytree into one vector (which
 gathers sharded params and casts mixed float32/bfloat16 leaves to one
@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from adahessian_optax import _loops
 from adahessian_optax import _tree
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -33,46 +34,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _BREAKDOWN_EPS = 100
 _SMALLEST_BUCKET = 8
 _RESTART_FREQUENCY = 2.399963229728653  # the golden angle, in radians
-
-
-# ---------------------------------------------------------------------------
-# Loops: lax for a traced matvec, Python for one that runs its own programs.
-
-
-class Loops(NamedTuple):
-  """`while_loop`, `fori_loop` and `scan(f, carry, length)` of one kind."""
-
-  while_loop: Callable
-  fori_loop: Callable
-  scan: Callable
-
-
-def _traced_scan(f, carry, length):
-  return jax.lax.scan(lambda c, _: f(c), carry, None, length=length)
-
-
-def _host_while_loop(cond_fun, body_fun, val):
-  while bool(cond_fun(val)):
-    val = body_fun(val)
-  return val
-
-
-def _host_fori_loop(lower, upper, body_fun, val):
-  for i in range(lower, upper):
-    val = body_fun(i, val)
-  return val
-
-
-def _host_scan(f, carry, length):
-  ys = []
-  for _ in range(length):
-    carry, y = f(carry)
-    ys.append(y)
-  return carry, jax.tree.map(lambda *x: jnp.stack(x), *ys)
-
-
-TRACED = Loops(jax.lax.while_loop, jax.lax.fori_loop, _traced_scan)
-HOST = Loops(_host_while_loop, _host_fori_loop, _host_scan)
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +217,7 @@ def absorb(state: Krylov, i: Any, w: list) -> Krylov:
 
 
 def lanczos(matvec: Callable[[list], list], v0: list, num_steps: int,
-            loops: Loops) -> Krylov:
+            loops: _loops.Loops) -> Krylov:
   """`num_steps` Lanczos steps from `v0`: one matvec each."""
   def body(i, state):
     return absorb(state, i, matvec(row(state.basis, i)))
@@ -346,7 +307,7 @@ def converged(alpha: jax.Array, beta: jax.Array, n: Any, k: int,
 
 
 def lanczos_until_converged(matvec: Callable[[list], list], v0: list,
-                            max_steps: int, k: int, tol: Any, loops: Loops, *,
+                            max_steps: int, k: int, tol: Any, loops: _loops.Loops, *,
                             dim: Optional[int] = None
                             ) -> tuple[Krylov, jax.Array, jax.Array]:
   """Lanczos steps until the `k` largest Ritz pairs meet `tol`.

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_optax.algorithms import _analysis
 from adahessian_optax import _checks
+from adahessian_optax import _programs
+from adahessian_optax import _pytree
 from adahessian_optax.operators import _curvature
 from adahessian_optax.algorithms import _lanczos
 from adahessian_optax import _probes
@@ -70,8 +71,7 @@ def _filter_axes(filter_axes: Any, params: Any, split: _tree.FloatLeaves,
 def _normal_like(key: jax.Array, leaves: list) -> list:
   """Standard normal entries shaped like `leaves` (in at least float32),
   from one draw: a draw per leaf (threefry) compiled about 4x slower."""
-  words = _probes._philox_state(key)[:2]  # pylint: disable=protected-access
-  typed = jax.random.wrap_key_data(words, impl="threefry2x32")
+  typed = _probes.threefry_key(key)
   sizes = [x.size for x in leaves]
   flat = jax.random.normal(typed, (sum(sizes),),
                            _lanczos.accumulation_dtype(leaves))
@@ -206,13 +206,14 @@ def _coordinates(grid: Any, n: int, owner: str) -> tuple[tuple, tuple]:
           jnp.broadcast_to(betas[None, :], shape).reshape(-1)), shape
 
 
-def _losses(value_fn, split, params, directions, coordinates, batch,
+def _losses(kind, params, directions, coordinates, batch, *, split,
             batch_size):
   """`(losses at the points, squared norm of each direction, params finite)`.
 
   Each point is computed in at least float32, then cast to the leaf's dtype
   (what the model sees); the losses are returned in at least float32.
   """
+  params = params.value
   theta = split.select(params)
 
   def loss_at(c):
@@ -224,7 +225,7 @@ def _losses(value_fn, split, params, directions, coordinates, batch,
         y = y + cj.astype(dtype) * d[j].astype(dtype)
       moved.append(y.astype(x.dtype))
     point = split.replace(params, moved)
-    loss = _curvature.scalar_loss(lambda p: value_fn(p, *batch), point)
+    loss = _curvature.scalar_loss(kind, point, *batch)
     return loss.astype(_tree.at_least_float32(loss.dtype))
 
   losses = jax.lax.map(loss_at, coordinates, batch_size=batch_size)
@@ -234,35 +235,9 @@ def _losses(value_fn, split, params, directions, coordinates, batch,
   return losses, square_norms, finite
 
 
-@functools.lru_cache(maxsize=8)
-def _program(value_fn: Any) -> Any:
-  """The compiled grid evaluation of one loss, for calls outside jit.
-
-  Kept for the 8 newest losses: each program holds its closure and what the
-  closure captures (a dataset, say), so the cache is bounded.
-  """
-  return jax.jit(functools.partial(_losses, value_fn), static_argnums=(0, 5))
-
-
-def _is_traced(tree: Any) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
-def _run(value_fn, split, params, directions, coordinates, batch, batch_size):
-  args = (split, params, directions, coordinates, batch, batch_size)
-  if _is_traced(args[1:5]):  # inside a transformation: it compiles this
-    return _losses(value_fn, *args)
-  try:
-    program = _program(value_fn)
-  except TypeError:  # an unhashable loss: compiled for this call only
-    program = jax.jit(functools.partial(_losses, value_fn),
-                      static_argnums=(0, 5))
-  return program(*args)
-
-
 def _check_result(square_norms, finite, owner):
   """Outside jit, non-finite or zero inputs are errors (traced: NaN)."""
-  if _is_traced((square_norms, finite)):
+  if _programs.is_traced((square_norms, finite)):
     return
   for i, s in enumerate(np.asarray(square_norms)):
     if not np.isfinite(s):
@@ -383,19 +358,17 @@ def loss_landscape(value_fn: Any, params: Any, directions: Sequence[Any],
   directions = [split.select(d) for d in directions]
   coordinates, shape = _coordinates(grid, len(directions), owner)
 
-  if isinstance(value_fn, _analysis.DatasetLoss):
-    total, count = 0.0, 0
-    for batch in value_fn.iterate():
-      n = value_fn.size_fn(batch)
-      losses, square_norms, finite = _run(
-          value_fn.loss_fn, split, params, directions, coordinates, (batch,),
-          batch_size)
-      total, count = total + n * losses, count + n
-    if count == 0:
-      raise ValueError("DatasetLoss: the batches hold no examples")
-    losses = total / count
-  else:
-    losses, square_norms, finite = _run(
-        value_fn, split, params, directions, coordinates, (), batch_size)
+  def add(total, kind, batch, n):
+    args = (kind, _pytree.Box(params), directions, coordinates, batch)
+    if _programs.is_traced(args):  # inside a transformation: it compiles this
+      out = _losses(*args, split=split, batch_size=batch_size)
+    else:
+      out = _programs.call(_losses, args, split=split, batch_size=batch_size)
+    term = (out[0] * n, *out[1:])
+    return term if total is None else (total[0] + term[0], *term[1:])
+
+  source = _curvature.as_curvature(value_fn)
+  (losses, square_norms, finite), count = source.accumulate(add, None)
+  losses = losses / count
   _check_result(square_norms, finite, owner)
   return losses.reshape(shape)

@@ -18,17 +18,6 @@ from adahessian_optax.optimizer import _adahessian
 from adahessian_optax import _checks
 
 
-def _one_state(opt_state: Any, kind: type, owner: str, hint: str) -> Any:
-  found = [x for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, kind))
-           if isinstance(x, kind)]
-  if len(found) != 1:
-    raise ValueError(
-        f"{owner}: opt_state holds {len(found) or 'no'} {kind.__name__}; "
-        f"pass the state of an optimizer with exactly one ({hint})")
-  return found[0]
-
-
 def _bias_corrected(nu: Any, b2: Any, count: jax.Array) -> Any:
   count = jnp.maximum(count, 1).astype(jnp.float32)
   return jax.tree.map(lambda v: v / (1 - jnp.asarray(b2, v.dtype) ** count),
@@ -71,8 +60,8 @@ def adam_preconditioner(opt_state: Any, *, b2: float = 0.999,
     Cohen et al., `Adaptive Gradient Methods at the Edge of Stability
     <https://arxiv.org/abs/2207.14484>`_, 2022.
   """
-  state = _one_state(opt_state, optax.ScaleByAdamState, "adam_preconditioner",
-                     "optax.adam, adamw, ...")
+  state = _checks.find_one(opt_state, optax.ScaleByAdamState,
+                           "ScaleByAdamState", "optax.adam, adamw, ...")
   _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_interval("eps", eps, 0.0, float("inf"))
   nu = _bias_corrected(state.nu, b2, state.count)
@@ -116,8 +105,8 @@ def adahessian_preconditioner(opt_state: Any, *, b2: float = 0.999,
     Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
     Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
   """
-  state = _one_state(opt_state, _adahessian.ScaleByAdaHessianState,
-                     "adahessian_preconditioner", "aho.adahessian")
+  state = _checks.find_one(opt_state, _adahessian.ScaleByAdaHessianState,
+                           "ScaleByAdaHessianState", "aho.adahessian")
   _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
   _checks.check_interval("eps", eps, 0.0, float("inf"))
   nu = _bias_corrected(state.nu, b2, state.hessian_count)

@@ -5,89 +5,57 @@ For a loss given as :func:`ggn` ``(output_fn, output_loss)`` whose
 (:class:`SoftmaxCrossEntropy`, :class:`SquaredError`): draw labels from the
 model, take the gradient of the loss on them, and square it. One forward
 pass and one more backward pass, no second derivative; the estimate is
-never negative. Its state, :class:`GNBState`, holds the key and the
-configuration, as :class:`HutchinsonState` does for Hutchinson's estimator,
-and makes the estimate for AdaHessian's plain and fused steps.
+never negative. Its configuration is a :class:`GaussNewtonBartlett`; the
+key lives in the estimator's state (see
+:mod:`adahessian_optax.estimators._base`).
 """
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-import optax.tree
 
 from adahessian_optax import _checks
-from adahessian_optax.optimizer import _compose
-from adahessian_optax.operators import _curvature
-from adahessian_optax.operators import _ggn
-from adahessian_optax.estimators import _hutchinson
 from adahessian_optax import _probes
 from adahessian_optax import _tree
+from adahessian_optax.estimators import _base
+from adahessian_optax.operators import _base as _operators
+from adahessian_optax.operators import _curvature
+from adahessian_optax.operators import _ggn
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class GNBState(_hutchinson.EstimatorState):
-  """State of a Gauss-Newton-Bartlett estimator: its key and configuration.
-
-  Only ``key`` is an array; the configuration is static (part of the pytree
-  structure), as in :class:`HutchinsonState`.
+class GaussNewtonBartlett(_base.Estimator):
+  """The Gauss-Newton-Bartlett estimator: its configuration.
 
   Attributes:
-    key: raw ``uint32`` data of the key, split at every estimate.
     n_samples: independent label draws averaged per estimate.
     fraction: the share of the batch (its leading axis) labels are drawn
       for.
     axis_name: the named axis over which estimates are averaged, or ``None``.
   """
 
-  key: jax.Array
-  n_samples: int = dataclasses.field(default=1, metadata={"static": True})
-  fraction: float = dataclasses.field(default=1.0, metadata={"static": True})
-  axis_name: Optional[str] = dataclasses.field(default=None,
-                                               metadata={"static": True})
+  n_samples: int = 1
+  fraction: float = 1.0
+  axis_name: Optional[str] = None
 
-  def estimate(self, value_fn, params, *, fused):
-    return estimate(value_fn, params, self, fused=fused)
-
-
-_hutchinson.register_with_flax_serialization(GNBState)
+  def estimate(self, value_fn, params, key, *, value_and_grad):
+    """With ``value_and_grad``, also the value and gradient on the true
+    labels, their cotangent pulled back beside the draws' (`_pull_back`);
+    without, the estimate's value and grad are None."""
+    return _estimate(self, value_fn, params, key, value_and_grad)
 
 
-def init_state(key: Any, *, n_samples: Any = 1, fraction: Any = 1.0,
-               axis_name: Optional[str] = None,
-               owner: str = "gnb_estimator") -> GNBState:
-  """A checked :class:`GNBState`."""
-  if key is None:
-    raise ValueError(
-        f"{owner} needs `key`, an int seed or a jax.random.key, to draw its "
-        "labels (no seed is chosen for you), e.g. key=0.")
-  _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+def _configured(n_samples: Any, fraction: Any, axis_name: Optional[str],
+                owner: str) -> GaussNewtonBartlett:
   if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
       or not 0 < fraction <= 1):
     raise ValueError(
         f"{owner}: fraction must be a number in (0, 1], got {fraction!r}")
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise TypeError(f"axis_name must be a str or None, got {axis_name!r}")
-  return GNBState(_probes.key_data(key, owner), int(n_samples),
-                  float(fraction), axis_name)
-
-
-class GNBResult(NamedTuple):
-  """What one Gauss-Newton-Bartlett pass returns.
-
-  Attributes:
-    value: the loss at `params` (on the true labels).
-    grad: its gradient, a pytree like `params`.
-    diagonal: the estimate :math:`N\\, \\hat g \\odot \\hat g` of the GGN
-      diagonal (never negative), in at least float32.
-  """
-
-  value: jax.Array
-  grad: Any
-  diagonal: Any
+  return GaussNewtonBartlett(_base.check_n_samples(n_samples),
+                             float(fraction), _base.check_axis_name(axis_name))
 
 
 def _check_loss(value_fn: Any, owner: str) -> _ggn.GGN:
@@ -99,7 +67,7 @@ def _check_loss(value_fn: Any, owner: str) -> _ggn.GGN:
         "aho.ggn(output_fn, aho.SoftmaxCrossEntropy(labels)) (or "
         "aho.SquaredError(targets)) instead of the plain loss closure, got "
         f"{type(value_fn).__name__}")
-  if not isinstance(value_fn.output_loss, _ggn.SAMPLEABLE):
+  if not hasattr(value_fn.output_loss, "sample"):
     names = " or ".join(f"aho.{c.__name__}" for c in _ggn.SAMPLEABLE)
     raise TypeError(
         f"{owner}: cannot draw labels from the output loss "
@@ -124,7 +92,7 @@ def _keys(key_data: jax.Array, n: int) -> jax.Array:
       (n,) + key_data.shape)
 
 
-def sample_keys(state: GNBState, key_data: jax.Array) -> list:
+def sample_keys(state: GaussNewtonBartlett, key_data: jax.Array) -> list:
   """The raw key of each label draw; on a named axis, this device's own."""
   if state.axis_name is not None:
     # Replicas share the state's key; their labels must be independent.
@@ -133,13 +101,12 @@ def sample_keys(state: GNBState, key_data: jax.Array) -> list:
   return list(_keys(key_data, state.n_samples))
 
 
-def _head_size(state: GNBState, output_loss: Any,
+def _head_size(state: GaussNewtonBartlett, output_loss: Any,
                outputs: jax.Array) -> Optional[int]:
   """The number of leading examples labels are drawn for (None: all)."""
   if state.fraction == 1:
     return None
-  position_axes = outputs.ndim - (
-      1 if isinstance(output_loss, _ggn.SoftmaxCrossEntropy) else 0)
+  position_axes = outputs.ndim - output_loss.class_axes
   if position_axes < 1:
     raise ValueError(
         f"fraction={state.fraction} draws labels for the leading examples of "
@@ -184,7 +151,7 @@ def _sampled_cotangents(output_loss, outputs, state, key_data):
 
 
 def _outputs(loss: _ggn.GGN, params: Any) -> jax.Array:
-  outputs = _compose.call_value_fn(loss.output_fn, params)
+  outputs = _checks.call_value_fn(loss.output_fn, params)
   if not hasattr(outputs, "dtype") or not jnp.issubdtype(outputs.dtype,
                                                           jnp.floating):
     raise TypeError(
@@ -216,23 +183,16 @@ def _pull_back(vjp: Callable, cotangents: list,
   return [[leaf[i] for leaf in stacked] for i in range(len(cotangents))]
 
 
-def estimate(value_fn: Any, params: Any, state: GNBState, *,
-             fused: bool = True) -> tuple[GNBResult, GNBState]:
-  """One estimate and the advanced state: the only place the key is split.
-
-  With `fused`, also the value and gradient on the true labels, their
-  cotangent pulled back beside the draws' (`_pull_back`); without, the
-  result's value and grad are None.
-  """
+def _estimate(state: GaussNewtonBartlett, value_fn: Any, params: Any,
+              draw_key: jax.Array, value_and_grad: bool) -> _base.Estimate:
   loss = _check_loss(value_fn, "gnb_estimator")
-  next_key, draw_key = _probes.split(jnp.asarray(state.key[...]))
-  split = _tree.FloatLeaves.of(params)
-  leaves = split.select(params)
+  space = _operators.Space.of(params)
+  leaves = space.select(params)
   outputs, vjp = jax.vjp(
-      lambda ls: _outputs(loss, split.replace(params, ls)), leaves)
+      lambda ls: _outputs(loss, space.replace(params, ls)), leaves)
   sampled, n = _sampled_cotangents(loss.output_loss, outputs, state, draw_key)
   value = grad = None
-  if fused:
+  if value_and_grad:
     value, true = _cotangent(loss.output_loss, outputs, state.axis_name)
     grad, *pulled = _pull_back(vjp, [true] + sampled)
     value, grad = _curvature.axis_mean((value, grad), state.axis_name)
@@ -247,11 +207,10 @@ def estimate(value_fn: Any, params: Any, state: GNBState, *,
   scale = n / state.n_samples
   diagonal = [scale * d for d in diagonal]
   zeros = jax.tree.map(jnp.zeros_like, params)
-  result = GNBResult(
+  return _base.Estimate(
       value=value,
-      grad=None if grad is None else split.replace(zeros, grad),
-      diagonal=split.replace(zeros, diagonal))
-  return result, dataclasses.replace(state, key=next_key)
+      grad=None if grad is None else space.replace(zeros, grad),
+      diagonal=space.replace(zeros, diagonal))
 
 
 def gnb_diagonal(
@@ -262,7 +221,7 @@ def gnb_diagonal(
     n_samples: int = 1,
     fraction: float = 1.0,
     axis_name: Optional[str] = None,
-) -> GNBResult:
+) -> _base.Estimate:
   r"""Estimates the GGN diagonal by Gauss-Newton-Bartlett (Sophia-G's).
 
   For a loss :math:`L(\theta) = \ell(f(\theta))`, a mean over :math:`N`
@@ -317,7 +276,7 @@ def gnb_diagonal(
       that of the whole batch; the value and the gradient are averaged too.
 
   Returns:
-    A :class:`GNBResult` ``(value, grad, diagonal)``.
+    An :class:`Estimate` ``(value, grad, diagonal)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -342,9 +301,10 @@ def gnb_diagonal(
   """
   _checks.check_params("gnb_diagonal", params)
   _check_loss(value_fn, "gnb_diagonal")
-  state = init_state(key, n_samples=n_samples, fraction=fraction,
-                     axis_name=axis_name, owner="gnb_diagonal")
-  return estimate(value_fn, params, state)[0]
+  state = _base.EstimatorState(
+      _probes.key_data(key, "gnb_diagonal"),
+      _configured(n_samples, fraction, axis_name, "gnb_diagonal"))
+  return _base.next_estimate(state, value_fn, params, value_and_grad=True)[0]
 
 
 def gnb_estimator(
@@ -358,7 +318,7 @@ def gnb_estimator(
 
   Sophia-G's curvature, for :func:`optax.contrib.sophia` as
   ``hessian_diagonal_fn`` and for :func:`adahessian` as ``estimator``. Its
-  ``init`` returns a :class:`GNBState` holding the key and this
+  ``init`` returns a :class:`EstimatorState` holding the key and this
   configuration; its ``update(updates, state, params, *, value_fn)``
   ignores ``updates`` and returns
   :math:`\frac1S \sum_s N\, \hat g_s \odot \hat g_s` (see
@@ -408,6 +368,10 @@ def gnb_estimator(
     Martens, `New insights and perspectives on the natural gradient method
     <https://arxiv.org/abs/1412.1193>`_, JMLR 2020.
   """
-  return _hutchinson.as_transformation(
-      init_state(key, n_samples=n_samples, fraction=fraction,
-                 axis_name=axis_name), "gnb_estimator")
+  if key is None:
+    raise ValueError(
+        "gnb_estimator needs `key`, an int seed or a jax.random.key, to draw "
+        "its labels (no seed is chosen for you), e.g. key=0.")
+  return _base.transformation(
+      _configured(n_samples, fraction, axis_name, "gnb_estimator"), key,
+      "gnb_estimator")

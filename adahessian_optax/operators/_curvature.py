@@ -1,26 +1,43 @@
-"""The curvature core: Hessian-vector products of a loss closure on a pytree.
+r"""Curvature kinds, and the operator built from one at a point.
 
-Forward-over-reverse, ``jax.jvp(jax.grad(f), (params,), (v,))``: its primal
-output is the gradient and its tangent output is :math:`Hv`, so the loss and
-its gradient come with every product at no extra cost. Products are taken
-with respect to the floating-point leaves of ``params`` only; the estimators
-and the analysis tools work on those leaves as lists.
+A *curvature kind* says how a loss's curvature is multiplied: the Hessian of
+a loss closure (:class:`Hessian`, the default for a plain closure), the
+generalized Gauss-Newton matrix (:func:`~adahessian_optax.ggn`), the
+empirical Fisher (:func:`~adahessian_optax.empirical_fisher`), a sub-batch's
+Hessian (:func:`~adahessian_optax.sub_batch_value_fn`), a finite-difference
+product (:func:`~adahessian_optax.finite_difference`). Each implements one
+verb, :meth:`Curvature.linearize`: at the params, the value, the gradient
+and the product as a :class:`jax.tree_util.Partial` of the primal pass's
+residuals. The estimators also use :meth:`Curvature.products` (the value,
+the gradient and a few products in one pass). A new kind subclasses
+:class:`Curvature`; nothing else changes.
+
+:func:`curvature_operator` builds the :class:`~adahessian_optax.LinearOperator`
+of a kind at the params: the primal pass runs once, each product is a
+tangent pass.
 """
 
-import dataclasses
+import contextlib
+import functools
 from typing import Any, Callable, Optional
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 
-from adahessian_optax.optimizer import _compose
+from adahessian_optax import _checks
+from adahessian_optax import _docs
+from adahessian_optax import _programs
+from adahessian_optax import _pytree
 from adahessian_optax import _tree
 from adahessian_optax import _xla_cpu
+from adahessian_optax.operators import _base
 
 
-def scalar_loss(value_fn: Callable[[Any], Any], params: Any) -> jax.Array:
-  """`value_fn(params)`, checked to be a real floating-point scalar."""
-  out = _compose.call_value_fn(value_fn, params)
+def scalar_loss(value_fn: Callable[..., Any], params: Any,
+                *batch: Any) -> jax.Array:
+  """`value_fn(params, *batch)`, checked to be a real floating-point scalar."""
+  out = _checks.call_value_fn(value_fn, params, *batch)
   if isinstance(out, (tuple, list, dict)):
     raise TypeError(
         "value_fn must return a scalar loss, got a "
@@ -36,148 +53,19 @@ def scalar_loss(value_fn: Callable[[Any], Any], params: Any) -> jax.Array:
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class SubBatchValueFn:
-  """A mean loss over a batch whose Hessian is taken on its first examples.
-
-  Made by :func:`sub_batch_value_fn`. Called on params it is the loss of the
-  whole batch, ``w * loss_fn(p, head) + (1 - w) * loss_fn(p, tail)`` with
-  ``w = size / n``; the curvature core takes Hessian-vector products of the
-  head alone, in ``chunks`` sequential pieces.
-
-  Attributes:
-    loss_fn: ``(params, batch) -> scalar``, a mean over the batch's examples.
-    batch: a pytree of arrays with the examples along their leading axis.
-    size: the number of leading examples the Hessian is taken on.
-    chunks: the number of equal pieces the head is processed in.
-  """
-
-  loss_fn: Callable[[Any, Any], jax.Array]
-  batch: Any
-  size: int
-  chunks: int = 1
-
-  def head_chunks(self) -> tuple[float, list]:
-    """`(weight, pieces)`: the head's pieces, each weighted by its share."""
-    n, piece = batch_size(self.batch), self.size // self.chunks
-    pieces = [jax.tree.map(lambda x, i=i: x[i * piece:(i + 1) * piece],
-                           self.batch) for i in range(self.chunks)]
-    return piece / n, pieces
-
-  def tail(self) -> Optional[Callable[[Any], jax.Array]]:
-    """The tail's loss, weighted by its share of the batch, or None."""
-    n = batch_size(self.batch)
-    if self.size == n:
-      return None
-    examples = jax.tree.map(lambda x: x[self.size:], self.batch)
-    return lambda p: (1 - self.size / n) * self.loss_fn(p, examples)
-
-  def __call__(self, params: Any) -> jax.Array:
-    weight, pieces = self.head_chunks()
-    value = sum(weight * self.loss_fn(params, b) for b in pieces)
-    tail = self.tail()
-    return value if tail is None else value + tail(params)
+def axis_mean(tree: Any, axis_name: Optional[str]) -> Any:
+  """`tree` averaged over the named axis (the identity for None)."""
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
-def batch_size(batch: Any) -> int:
-  """The common leading dimension of a batch's array leaves."""
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None
-           for x in jax.tree.leaves(batch)}
-  if not sizes or None in sizes or len(sizes) != 1:
-    raise ValueError(
-        "the batch must be a pytree of arrays sharing their leading "
-        f"(example) dimension, got leading dimensions {sorted(map(str, sizes))}")
-  return sizes.pop()
-
-
-def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
-                       fraction: float = 1.0, *,
-                       chunks: int = 1) -> SubBatchValueFn:
-  r"""A loss closure whose Hessian is estimated on a fraction of the batch.
-
-  As Sophia does, the gradient comes from the whole batch and the
-  Hessian-vector product from its first :math:`m = \max(1,
-  \mathrm{round}(f n))` examples. For a mean loss :math:`L = w L_m +
-  (1 - w) L_{n-m}` with :math:`w = m / n`, the estimators take
-  :math:`H_m z` (the Hessian of :math:`L_m`, so the estimate is unbiased for
-  the sub-batch's Hessian diagonal) and the gradient as the sum of the two
-  parts' gradients, so that the sub-batch's gradient is the primal output of
-  the same forward-over-reverse pass: the fused step costs about
-  :math:`1 + (F - 1) f` gradients, :math:`F` the cost of one product.
-
-  With ``chunks`` :math:`= c > 1` the sub-batch is processed in :math:`c`
-  equal pieces one after the other (:func:`jax.lax.scan`), so that a refresh
-  step holds the tangent activations of :math:`m / c` examples only: the
-  same numbers with less memory, for models whose activations dominate it
-  (a Transformer's, not an MLP's, whose tangents are parameter-sized). On
-  XLA:CPU the loop's body is traced with its convolutions in the layout
-  that runs fast inside a loop, so a CNN's pieces cost no extra time.
-
-  Use it wherever a loss closure goes: ``value_grad_and_hessian``,
-  ``update(..., value_fn=...)``, :func:`hutchinson_diagonal`. Called on
-  params it returns the loss of the whole batch, so in the plain call compute
-  the gradient of this closure (``jax.grad(value_fn)``), which XLA can then
-  share with the estimator's pass (not across the chunks' loop: with
-  ``chunks > 1`` use the fused step). The loss must be a mean over
-  independent examples: with BatchNorm in training mode, the parts would be
-  normalised with their own statistics.
-
-  Args:
-    loss_fn: ``(params, batch) -> scalar``, the mean loss over the batch's
-      examples.
-    batch: a pytree of arrays with the examples along their leading axis
-      (shuffled, so that its first examples are a random sub-batch).
-    fraction: :math:`f \in (0, 1]`, the share of the batch for the Hessian.
-    chunks: the number of pieces the sub-batch is processed in; it must
-      divide :math:`m`.
-
-  Returns:
-    A :class:`SubBatchValueFn` (a callable ``params -> scalar``).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import adahessian_optax as aho
-    >>> x = jnp.array([1.0, 2.0, 3.0, 4.0])
-    >>> loss = lambda w, x: jnp.mean(x * w ** 2)
-    >>> value_fn = aho.sub_batch_value_fn(loss, x, fraction=0.5)
-    >>> print(value_fn(jnp.ones(())))   # the whole batch's loss
-    2.5
-    >>> print(aho.hutchinson_diagonal(value_fn, jnp.ones(()), 0).diagonal)
-    3.0
-
-  References:
-    Liu et al., `Sophia: A Scalable Stochastic Second-order Optimizer for
-    Language Model Pre-training <https://arxiv.org/abs/2305.14342>`_, 2023.
-  """
-  if not callable(loss_fn):
-    raise TypeError(
-        "sub_batch_value_fn: loss_fn must be a callable (params, batch) -> "
-        f"scalar, got {type(loss_fn).__name__}")
-  if (isinstance(fraction, bool)
-      or not isinstance(fraction, (int, float))
-      or not 0 < fraction <= 1):
-    raise ValueError(
-        f"sub_batch_value_fn: fraction must be a number in (0, 1], got "
-        f"{fraction!r}")
-  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-    raise ValueError(
-        f"sub_batch_value_fn: chunks must be an int >= 1, got {chunks!r}")
-  n = batch_size(batch)
-  size = max(1, min(n, round(fraction * n)))
-  if size % chunks:
-    raise ValueError(
-        f"sub_batch_value_fn: chunks={chunks} does not divide the "
-        f"{size} examples of the Hessian's sub-batch (fraction={fraction} "
-        f"of {n})")
-  return SubBatchValueFn(loss_fn, batch, size, chunks)
-
-
-def _value_and_grad_of_leaves(value_fn, params, axis_name):
-  """`float leaves -> (value, grad leaves)`, the other leaves held fixed."""
-  split = _tree.FloatLeaves.of(params)
+def value_and_grad_of_leaves(value_fn: Callable[..., Any], params: Any,
+                             space: _base.Space, batch: tuple,
+                             axis_name: Optional[str]):
+  """`leaves -> (value, grad leaves)` of `value_fn` as a function of the
+  leaves of `space`, the others held fixed; and those leaves."""
 
   def loss_of_leaves(leaves):
-    value = scalar_loss(value_fn, split.replace(params, leaves))
+    value = scalar_loss(value_fn, space.replace(params, leaves), *batch)
     if axis_name is None:
       return value
     # Differentiate the axis mean: under shard_map's default check_vma=True,
@@ -186,116 +74,284 @@ def _value_and_grad_of_leaves(value_fn, params, axis_name):
     # pmap, `axis_mean` afterwards does it instead.
     return jax.lax.pmean(value, axis_name)
 
-  return jax.value_and_grad(loss_of_leaves), split.select(params)
+  return jax.value_and_grad(loss_of_leaves), space.select(params)
 
 
-def _products_of(value_fn, params, tangents, combine, axis_name):
-  """`(value, grad, combine(tangents, [H t]))` for a plain closure."""
-  value_and_grad, leaves = _value_and_grad_of_leaves(value_fn, params,
-                                                     axis_name)
-  if len(tangents) == 1:
-    (value, grad), (_, hv) = jax.jvp(value_and_grad, (leaves,),
-                                     (tangents[0],))
-    return value, grad, combine(tangents, [hv])
-  # One primal pass, then a tangent pass per product: on XLA:CPU this beat
-  # vmapping the tangents (batched tangents got slow layouts: 1.3x for 8).
-  (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
-  return value, grad, combine(tangents, [tangent_map(t)[1] for t in tangents])
+_FORWARD_MODE_FAILURES = ("forward-mode autodiff", "Linearization failed")
+_KERNEL_WAYS_OUT = (
+    "the curvature product needs forward-mode differentiation of the loss "
+    "(jax.jvp / jax.linearize), which it cannot have: the model calls a "
+    "kernel with a custom VJP and no forward-mode rule (flash attention: "
+    "Pallas, cuDNN, splash). Ways out: (a) give the curvature a closure that "
+    "uses the reference implementation (e.g. XLA attention) while the "
+    "gradient uses the kernel; (b) aho.finite_difference(loss) takes "
+    "products from differences of gradients; (c) aho.gnb_estimator needs "
+    "gradients only")
 
 
-def _tree_sum(trees: list) -> Any:
-  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *trees)
+@contextlib.contextmanager
+def forward_mode():
+  """Names the cause and the ways out when forward-mode autodiff fails.
 
-
-def _chunked_products(value_fn, params, tangents, combine, axis_name):
-  """`_products_of` summed over the head's pieces, one after the other."""
-  weight, pieces = value_fn.head_chunks()
-  one = lambda examples: _products_of(
-      lambda p: weight * value_fn.loss_fn(p, examples), params, tangents,
-      combine, axis_name)
-  if len(pieces) == 1:
-    return one(pieces[0])
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(one, pieces[0]))
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *pieces)
-  # The body through _xla_cpu.call: on XLA:CPU its convolutions are written
-  # in the layout that runs fast inside a loop.
-  return jax.lax.scan(
-      lambda total, b: (_tree_sum([total, _xla_cpu.call(one, b)]), None),
-      zeros, stacked)[0]
-
-
-def _plus_tail(value, grad, tail, params, axis_name):
-  """Adds the value and gradient of the part without products, if any."""
-  if tail is None:
-    return value, grad
-  value_and_grad, leaves = _value_and_grad_of_leaves(tail, params, axis_name)
-  tail_value, tail_grad = value_and_grad(leaves)
-  return value + tail_value, [a + b for a, b in zip(grad, tail_grad)]
-
-
-def products(value_fn: Callable[[Any], jax.Array], params: Any,
-             tangents: list, combine: Callable[[list, list], Any], *,
-             axis_name: Optional[str] = None):
-  """`(value, grad, combine(tangents, [H t for t in tangents]))`.
-
-  `tangents` is a list of tangents, each a list like the float leaves of
-  `params`; `combine` must be linear in the products (they may be summed
-  over pieces of a batch before it sees them). One forward-over-reverse pass
-  for one tangent; one primal pass and a tangent pass each for several. For
-  a :class:`SubBatchValueFn`, the products are those of the sub-batch's loss
-  and the value and gradient those of the whole batch. Not yet averaged over
-  `axis_name` (see `axis_mean`).
+  Kernels with a custom VJP and no forward-mode rule (Pallas and cuDNN
+  flash attention, TPU splash attention) support ``jax.grad`` but not
+  ``jax.jvp`` or ``jax.linearize``, which a Hessian-, GGN- or Fisher-vector
+  product needs. JAX raises a TypeError or a ValueError at once, or (from
+  some kernels) a bare AssertionError; or it stages a ``custom_lin`` that
+  fails only when the program is compiled, which :func:`checked_call`
+  catches while tracing.
   """
-  if not isinstance(value_fn, SubBatchValueFn):
-    return _products_of(value_fn, params, tangents, combine, axis_name)
-  w = value_fn.size / batch_size(value_fn.batch)
-  value, grad, combined = _chunked_products(
-      value_fn, params, tangents,
-      lambda ts, hs: combine(ts, [[h / w for h in hv] for hv in hs]),
-      axis_name)
-  value, grad = _plus_tail(value, grad, value_fn.tail(), params, axis_name)
-  return value, grad, combined
+  try:
+    yield
+  except (TypeError, ValueError, AssertionError) as e:
+    text = str(e)
+    if isinstance(e, AssertionError) and text.strip():
+      raise
+    if text and not any(word in text for word in _FORWARD_MODE_FAILURES):
+      raise
+    raise TypeError(f"{_KERNEL_WAYS_OUT}. JAX said: {type(e).__name__}: "
+                    f"{text or '(no message)'}") from e
 
 
-def value_grad_hvp(value_fn: Callable[[Any], jax.Array], params: Any,
-                   tangent: list, *, axis_name: Optional[str] = None):
-  """`(value, grad, H tangent)` from one jvp-over-grad pass (see `products`).
+def _stages_custom_lin(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "custom_lin":
+      return True
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns") and _stages_custom_lin(inner):
+          return True
+  return False
 
-  `tangent`, `grad` and the product are lists like the float leaves of
-  `params`.
+
+def checked_call(fn: Callable[..., Any], *args: Any) -> Any:
+  """`fn(*args)`, traced first: forward mode applied to a custom-VJP kernel
+  (a staged ``custom_lin``) is an error that says so, at trace time."""
+  with forward_mode():
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+  if _stages_custom_lin(closed.jaxpr):
+    raise TypeError(_KERNEL_WAYS_OUT)
+  out = jax_core.jaxpr_as_fun(closed)(*jax.tree.leaves(args))
+  return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
+class Curvature:
+  """Base class of the curvature kinds (see the module docstring).
+
+  A subclass is a :func:`dataclasses.dataclass`-like pytree (arrays as
+  children, functions and settings static) that implements ``__call__``
+  (the loss) and :meth:`linearize`.
   """
-  return products(value_fn, params, [tangent], lambda ts, hs: hs[0],
-                  axis_name=axis_name)
+
+  def __call__(self, params: Any, *batch: Any) -> jax.Array:
+    raise NotImplementedError
+
+  def linearize(self, params: Any, space: _base.Space, *batch: Any,
+                axis_name: Optional[str] = None):
+    """`(value, grad, product)` at `params`, for the leaves of `space`.
+
+    ``grad`` is a list like those leaves; ``product`` a
+    :class:`jax.tree_util.Partial` mapping such a list (in the leaves'
+    dtypes) to the curvature times it. The value and the gradient are
+    averaged over ``axis_name``; the products are not.
+    """
+    raise NotImplementedError
+
+  def products(self, params: Any, space: _base.Space, tangents: list,
+               combine: Callable[[list, list], Any], *,
+               axis_name: Optional[str] = None):
+    """`(value, grad, combine(tangents, [C t for t in tangents]))`.
+
+    `combine` must be linear in the products. By default one
+    :meth:`linearize` and a product per tangent.
+    """
+    def compute(params, tangents):
+      value, grad, product = self.linearize(params, space,
+                                            axis_name=axis_name)
+      return value, grad, combine(tangents, [product(t) for t in tangents])
+    return checked_call(compute, params, tangents)
+
+  def operator(self, params: Any, space: _base.Space, batch: tuple,
+               axis_name: Optional[str]) -> _base.LinearOperator:
+    """The operator at `params`: the primal pass once (one compiled program
+    per definition when called on concrete arrays)."""
+    if _programs.is_traced((self, params, batch)):
+      return _linearized(self, _pytree.Box(params), batch, space=space,
+                         axis_name=axis_name)
+    return _programs.call(_linearized, (self, _pytree.Box(params), batch),
+                          space=space, axis_name=axis_name)
+
+  def accumulate(self, step: Callable[..., Any], total: Any) -> tuple:
+    """`(step(total, self, (), 1), 1)`: the data as batches of examples,
+    weighted by their sizes; a closure is one batch of its own."""
+    return step(total, self, (), 1), 1
 
 
-def _product(tangent_map: Any, w: Any, v: list) -> list:
-  hv = tangent_map(v)[1]
-  return hv if w is None else [h / w for h in hv]
+def _linearized(kind, params, batch, *, space, axis_name):
+  value, grad, product = kind.linearize(params.value, space, *batch,
+                                        axis_name=axis_name)
+  return CurvatureOperator(product, value, grad, space, axis_name)
 
 
-def linearize(value_fn: Callable[[Any], jax.Array], params: Any, *,
-              axis_name: Optional[str] = None):
-  """`(value, grad, hvp)`: the primal pass once, `hvp(v)` a tangent pass each.
+@_pytree.dataclass
+class CurvatureOperator(_base.LinearOperator):
+  """A curvature kind linearized at the params (see :func:`curvature_operator`).
 
-  For many products at the same params (the analysis tools). `hvp` is a
-  :class:`jax.tree_util.Partial` holding the primal pass's residuals, so a
-  jitted function can return it. The products of a
-  :class:`SubBatchValueFn` are its whole head's, unchunked.
+  Attributes:
+    product: the product, a :class:`jax.tree_util.Partial` holding the
+      primal pass's residuals.
+    value: the loss at the params.
+    grad: its gradient at the leaves acted on (a list).
+    space: the leaves acted on.
+    axis_name: the named axis the products are averaged over, or None.
   """
-  head, w, tail = value_fn, 1.0, None
-  if isinstance(value_fn, SubBatchValueFn):
-    w = value_fn.size / batch_size(value_fn.batch)
-    examples = jax.tree.map(lambda x: x[:value_fn.size], value_fn.batch)
-    head = lambda p: w * value_fn.loss_fn(p, examples)
-    tail = value_fn.tail()
-  value_and_grad, leaves = _value_and_grad_of_leaves(head, params, axis_name)
-  (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
-  value, grad = _plus_tail(value, grad, tail, params, axis_name)
-  return value, grad, jax.tree_util.Partial(
-      _product, tangent_map, None if w == 1.0 else w)
+
+  product: Any
+  value: Any
+  grad: list
+  space: _base.Space
+  axis_name: Optional[str] = None
+
+  def apply(self, vector: list) -> list:
+    dtypes = [dtype for _, dtype in self.space.shapes]
+    # On XLA:CPU, the product's convolutions in the layout that runs fast
+    # inside the algorithms' loops (see _xla_cpu).
+    out = checked_call(functools.partial(_xla_cpu.call, self.product),
+                       [x.astype(d) for x, d in zip(vector, dtypes)])
+    return axis_mean(_tree.widen(out), self.axis_name)
 
 
-def axis_mean(tree: Any, axis_name: Optional[str]) -> Any:
-  """`tree` averaged over the named axis (the identity for None)."""
-  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+@_pytree.dataclass
+class Hessian(Curvature):
+  """The Hessian of a loss closure ``loss_fn(params, *batch) -> scalar``:
+  forward-over-reverse products (the default kind of a plain closure)."""
+
+  loss_fn: Callable[..., Any]
+
+  def __call__(self, params, *batch):
+    return self.loss_fn(params, *batch)
+
+  def linearize(self, params, space, *batch, axis_name=None):
+    value_and_grad, leaves = value_and_grad_of_leaves(
+        self.loss_fn, params, space, batch, axis_name)
+    with forward_mode():
+      (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
+    return value, grad, jax.tree_util.Partial(_second, tangent_map)
+
+  def products(self, params, space, tangents, combine, *, axis_name=None):
+    return checked_call(functools.partial(
+        self._products, space=space, combine=combine, axis_name=axis_name),
+                        params, tangents)
+
+  def _products(self, params, tangents, *, space, combine, axis_name):
+    value_and_grad, leaves = value_and_grad_of_leaves(
+        self.loss_fn, params, space, (), axis_name)
+    with forward_mode():
+      if len(tangents) == 1:
+        (value, grad), (_, hv) = jax.jvp(value_and_grad, (leaves,),
+                                         (tangents[0],))
+        return value, grad, combine(tangents, [hv])
+      # One primal pass, then a tangent pass per product: on XLA:CPU this
+      # beat vmapping the tangents (batched tangents got slow layouts: 1.3x
+      # for 8).
+      (value, grad), tangent_map = jax.linearize(value_and_grad, leaves)
+      return value, grad, combine(tangents,
+                                  [tangent_map(t)[1] for t in tangents])
+
+
+def _second(tangent_map, v):
+  return tangent_map(v)[1]
+
+
+def as_curvature(loss: Any) -> Curvature:
+  """`loss` as a curvature kind: a plain closure is its Hessian."""
+  return loss if isinstance(loss, Curvature) else Hessian(loss)
+
+
+@_docs.shared
+def curvature_operator(loss: Any, params: Any, *, batch: Any = None,
+                       wrt: Any = None, preconditioner: Any = None,
+                       axis_name: Optional[str] = None
+                       ) -> _base.LinearOperator:
+  r"""The curvature of a loss at the params, as a linear operator.
+
+  Built once: the primal pass (forward and backward) runs here and its
+  residuals are kept, so each product is one tangent pass
+  (:func:`jax.linearize`). The operator is a pytree: build it inside
+  ``jax.jit`` (its products then trace into your program) or outside (its
+  primal pass and every algorithm run on it are compiled once per
+  definition: the loss object, the selection, the settings and the shapes,
+  as ``jax.jit`` compiles once per function; define the loss once and pass
+  the data as ``batch`` to analyse repeatedly without recompiling).
+
+  The kind of curvature comes from ``loss``: a plain closure gives the
+  Hessian; :func:`~adahessian_optax.ggn`, :func:`~adahessian_optax.empirical_fisher`,
+  :func:`~adahessian_optax.finite_difference` and
+  :func:`~adahessian_optax.sub_batch_value_fn` their own; a
+  :class:`~adahessian_optax.DatasetLoss` the mean over its batches (its
+  products loop over the data in Python, so it cannot be built under jit).
+
+  Args:
+    loss: ``params -> scalar`` (``(params, batch) -> scalar`` with
+      ``batch``), a curvature kind, or a :class:`~adahessian_optax.DatasetLoss`.
+    params: the pytree at which to take the curvature. Only its
+      floating-point leaves are acted on.
+    batch: passed to the loss as its second argument, or None. As an
+      argument (not captured by the closure) it changes without a new
+      compile.
+    <<wrt>>
+    <<preconditioner>>
+    <<axis_name>>
+
+  Returns:
+    A :class:`~adahessian_optax.LinearOperator`: ``matvec(v)`` on pytrees
+    like the params, ``size``, ``restrict(wrt)``, ``precondition(P)``; pass
+    it to :func:`~adahessian_optax.eigenpairs`,
+    :func:`~adahessian_optax.trace`, :func:`~adahessian_optax.spectral_density`
+    or :func:`~adahessian_optax.per_layer`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adahessian_optax as aho
+    >>> H = jnp.array([[2.0, 1.0], [1.0, 3.0]])
+    >>> op = aho.curvature_operator(lambda w: 0.5 * w @ H @ w, jnp.ones(2))
+    >>> print(op.size, op.matvec(jnp.array([1.0, 0.0])))
+    2 [2. 1.]
+  """
+  _checks.check_params("curvature_operator", params)
+  if not callable(loss):
+    raise TypeError(
+        "value_fn must be a callable params -> scalar loss, got "
+        f"{type(loss).__name__}")
+  source = as_curvature(loss)
+  everything = _base.Space.of(params)
+  if not everything.index:
+    raise ValueError(
+        "params has no floating-point leaf, so there is no curvature to "
+        "analyse (integer, boolean and None leaves get no tangent)")
+  positions, masks = _base.selection(everything, wrt, params)
+  index = tuple(everything.index[i] for i in positions)
+  space = _base.Space.of(params, index)
+  _check_auto_sharded(space, params)
+  op = source.operator(params, space, () if batch is None else (batch,),
+                       axis_name)
+  if preconditioner is None and all(m is None for m in masks):
+    return op
+  inverse = None if preconditioner is None else _base.inverse_sqrt(
+      preconditioner, space)
+  return _base._block(op, tuple(range(len(index))), masks, inverse)  # pylint: disable=protected-access
+
+
+def _check_auto_sharded(space: _base.Space, params: Any):
+  """Leaves sharded over a mesh's explicit axes are refused by name."""
+  for x in space.select(params):
+    if not hasattr(x, "shape") or isinstance(x, (int, float)):
+      continue
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    if spec is not None and any(p is not None for p in spec):
+      raise NotImplementedError(
+          f"a leaf of shape {x.shape} is sharded over explicit mesh axes "
+          f"({spec}), which the analysis does not support yet: build the "
+          "mesh with automatic axes, jax.make_mesh(shape, names, "
+          "axis_types=(AxisType.Auto,) * len(names))")

@@ -13,13 +13,15 @@ predictive distribution, which the Gauss-Newton-Bartlett estimator needs.
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar
 
 import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 
+from adahessian_optax import _pytree
 from adahessian_optax import _tree
+from adahessian_optax.operators import _curvature
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +53,8 @@ class SoftmaxCrossEntropy:
   """
 
   labels: jax.Array
+  # Trailing axes of the outputs that are not positions (the classes).
+  class_axes: ClassVar[int] = 1
 
   def __call__(self, logits: jax.Array) -> jax.Array:
     logits = _check_outputs("SoftmaxCrossEntropy", logits)
@@ -115,6 +119,7 @@ class SquaredError:
   """
 
   targets: jax.Array
+  class_axes: ClassVar[int] = 0
 
   def __call__(self, outputs: jax.Array) -> jax.Array:
     outputs = _check_outputs("SquaredError", outputs)
@@ -159,13 +164,13 @@ def _check_outputs(owner: str, outputs: Any) -> jax.Array:
 SAMPLEABLE = (SoftmaxCrossEntropy, SquaredError)
 
 
-@dataclasses.dataclass(frozen=True)
-class GGN:
+@_pytree.dataclass
+class GGN(_curvature.Curvature):
   """A loss given as ``output_loss(output_fn(params))``; made by :func:`ggn`.
 
   Called on params (and, inside a :class:`DatasetLoss`, a batch) it is the
-  loss; the analysis tools and the Gauss-Newton-Bartlett estimator read its
-  two halves.
+  loss; its curvature is the GGN, and the Gauss-Newton-Bartlett estimator
+  reads its two halves.
 
   Attributes:
     output_fn: ``params -> outputs`` (or ``(params, batch) -> outputs``).
@@ -177,6 +182,31 @@ class GGN:
 
   def __call__(self, params: Any, *batch: Any) -> jax.Array:
     return self.output_loss(self.output_fn(params, *batch), *batch)
+
+  def linearize(self, params, space, *batch, axis_name=None):
+    """One forward pass (:func:`jax.linearize` of ``output_fn``) keeps its
+    residuals; each product is a jvp, an output-space Hessian product and
+    the transposed jvp."""
+    leaves = space.select(params)
+    with _curvature.forward_mode():
+      outputs, jvp = jax.linearize(
+          lambda ls: self.output_fn(space.replace(params, ls), *batch),
+          leaves)
+    if not hasattr(outputs, "dtype"):
+      raise TypeError(
+          "ggn: output_fn must return one array of outputs, got "
+          f"{type(outputs).__name__}")
+    output_loss = _as_partial(
+        lambda o: _scalar("ggn", self.output_loss(o, *batch)), outputs)
+    _check_curvature(output_loss, outputs)
+    value, cotangent = jax.value_and_grad(output_loss)(outputs)
+    vjp = jax.linear_transpose(jvp, leaves)
+    grad = vjp(cotangent.astype(outputs.dtype))[0]
+    if axis_name is not None:
+      value = jax.lax.pmean(value, axis_name)
+      grad = jax.lax.pmean(grad, axis_name)
+    return value, grad, jax.tree_util.Partial(_ggn_product, jvp, vjp,
+                                              output_loss, outputs)
 
 
 def ggn(output_fn: Callable[..., Any],
@@ -255,35 +285,6 @@ def _scalar(owner: str, value: Any) -> jax.Array:
   return value
 
 
-def linearize(loss: GGN, params: Any, *batch: Any,
-              axis_name: Optional[str] = None):
-  """`(value, grad, ggn_product)` at the float leaves of `params`.
-
-  One forward pass (:func:`jax.linearize` of ``output_fn``) keeps its
-  residuals; each product is a jvp, an output-space Hessian product and the
-  transposed jvp. `ggn_product` is a :class:`jax.tree_util.Partial`, so a
-  jitted function can return it. Lists like the float leaves throughout.
-  """
-  split = _tree.FloatLeaves.of(params)
-  leaves = split.select(params)
-  outputs, jvp = jax.linearize(
-      lambda ls: loss.output_fn(split.replace(params, ls), *batch), leaves)
-  if not hasattr(outputs, "dtype"):
-    raise TypeError(
-        "ggn: output_fn must return one array of outputs, got "
-        f"{type(outputs).__name__}")
-  output_loss = _as_partial(
-      lambda o: _scalar("ggn", loss.output_loss(o, *batch)), outputs)
-  value, cotangent = jax.value_and_grad(output_loss)(outputs)
-  vjp = jax.linear_transpose(jvp, leaves)
-  grad = vjp(cotangent.astype(outputs.dtype))[0]
-  if axis_name is not None:
-    value = jax.lax.pmean(value, axis_name)
-    grad = jax.lax.pmean(grad, axis_name)
-  return value, grad, jax.tree_util.Partial(_ggn_product, jvp, vjp,
-                                            output_loss, outputs)
-
-
 def _as_partial(fn: Callable[[jax.Array], jax.Array],
                 outputs: jax.Array) -> jax.tree_util.Partial:
   """`fn` with the arrays it captures as pytree leaves (so that a jitted
@@ -296,6 +297,34 @@ def _as_partial(fn: Callable[[jax.Array], jax.Array],
 def eval_closed(jaxpr, consts, *args):
   """The single output of the jaxpr `jaxpr` with its captured `consts`."""
   return jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, consts))(*args)[0]
+
+
+def _check_curvature(output_loss: Callable, outputs: jax.Array) -> None:
+  """Raises when the output loss's Hessian is zero by construction.
+
+  A loss linear in the outputs (a cross-entropy written on log-probabilities
+  that ``output_fn`` already normalised, say) has no second derivative, so
+  its GGN is zero; seen in the product's trace, where the tangent of the
+  output-space gradient does not depend on the tangent at all.
+  """
+  closed = jax.make_jaxpr(
+      lambda o, u: jax.jvp(jax.grad(output_loss), (o,), (u,))[1])(
+          outputs, outputs)
+  tangent = closed.jaxpr.invars[1]
+  reached = {tangent}
+  for eqn in closed.jaxpr.eqns:
+    if any(not isinstance(v, jax_core.Literal) and v in reached
+           for v in eqn.invars):
+      reached.update(eqn.outvars)
+  if not any(v in reached for v in closed.jaxpr.outvars
+             if not isinstance(v, jax_core.Literal)):
+    raise ValueError(
+        "ggn: output_loss has no curvature in the outputs (its second "
+        "derivative is zero: it is linear in them), so the GGN is zero. "
+        "This happens when output_fn already applies log_softmax and "
+        "output_loss picks the log-probabilities of the labels: let "
+        "output_fn return the logits and use aho.SoftmaxCrossEntropy(labels) "
+        "(or put the normalisation in output_loss)")
 
 
 def _ggn_product(jvp, vjp, output_loss, outputs, v: list) -> list:

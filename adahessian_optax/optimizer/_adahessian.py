@@ -9,25 +9,16 @@ import optax
 import optax.tree
 
 from adahessian_optax import _checks
-from adahessian_optax.optimizer import _compose
-from adahessian_optax.estimators import _hutchinson
-from adahessian_optax.optimizer import _layouts
 from adahessian_optax import _probes
-from adahessian_optax.optimizer import _spatial
 from adahessian_optax import _tree
 from adahessian_optax import _xla_cpu
+from adahessian_optax.estimators import _base as _estimators
+from adahessian_optax.estimators import _hutchinson
+from adahessian_optax.optimizer import _compose
+from adahessian_optax.optimizer import _layouts
+from adahessian_optax.optimizer import _spatial
 
 _DEFAULT_SPATIAL = _layouts.default_rules
-
-
-class PerformanceWarning(UserWarning):
-  """A configuration that runs slower than it could on this backend.
-
-  No longer emitted (since 0.5.0): a refresh decided at run time now runs
-  its convolutions at full speed inside ``lax.cond`` on XLA:CPU too. Kept
-  for compatibility, so that ``warnings.filterwarnings(...,
-  aho.PerformanceWarning)`` still works.
-  """
 
 
 class ScaleByAdaHessianState(NamedTuple):
@@ -38,9 +29,9 @@ class ScaleByAdaHessianState(NamedTuple):
     hessian_count: number of Hessian refreshes (bias correction of ``nu``).
     nonfinite_hessian_count: number of refreshes whose estimate was not finite
       and was discarded.
-    estimator: the estimator's state, a :class:`HutchinsonState` or a
-      :class:`GNBState` (its key, split at every refresh, and its
-      configuration).
+    estimator: the estimator's state: for this library's estimators an
+      :class:`EstimatorState` (the key, split at every refresh, and the
+      configuration as static structure).
     mu: EMA of the gradient.
     nu: EMA of the squared, spatially averaged absolute Hessian diagonal (at
       least float32).
@@ -49,7 +40,7 @@ class ScaleByAdaHessianState(NamedTuple):
   count: jax.Array
   hessian_count: jax.Array
   nonfinite_hessian_count: jax.Array
-  estimator: _hutchinson.EstimatorState
+  estimator: Any
   mu: optax.Updates
   nu: optax.Updates
 
@@ -60,7 +51,7 @@ class _Curvature(NamedTuple):
   nu: list
   hessian_count: jax.Array
   nonfinite_hessian_count: jax.Array
-  estimator: _hutchinson.EstimatorState
+  estimator: Any
 
 
 def _resolve_estimator(estimator, key, n_samples, distribution, axis_name):
@@ -82,9 +73,10 @@ def _resolve_estimator(estimator, key, n_samples, distribution, axis_name):
         "aho.gnb_estimator(...)) only")
   if not isinstance(estimator, optax.GradientTransformation):
     raise TypeError(
-        "estimator must be aho.hutchinson_estimator(...) or "
+        "estimator must be a gradient transformation whose update is the "
+        "estimate, such as aho.hutchinson_estimator(...) or "
         f"aho.gnb_estimator(...), got {type(estimator).__name__}")
-  return estimator
+  return optax.with_extra_args_support(estimator)
 
 
 def _check_hyperparameters(b1, b2, eps, hessian_power, update_interval):
@@ -172,32 +164,40 @@ def dispatch(refresh, refresh_fn, curvature: _Curvature) -> _Curvature:
                       lambda c: c, curvature)
 
 
-def _estimate_fn(params, value_fn, obj_fn, hessian, estimator):
+def _estimate_fn(params, value_fn, obj_fn, hessian, estimator, state):
   """`estimator state -> (diagonal, next state)`, from the estimate given or
-  from the loss closure."""
+  from the loss closure.
+
+  This library's estimators give their estimate in at least float32
+  (`next_estimate`); any other transformation whose update is the estimate
+  (Sophia's `hessian_diagonal_fn` contract) is called as such.
+  """
   if hessian is None:
     fn = _checks.check_value_fn(value_fn, obj_fn, "scale_by_adahessian.update")
 
     def from_closure(state):
-      result, state = state.estimate(fn, params, fused=False)
-      return result.diagonal, state
+      if isinstance(state, _estimators.EstimatorState):
+        result, state = _estimators.next_estimate(state, fn, params,
+                                                  value_and_grad=False)
+        return result.diagonal, state
+      return estimator.update(None, state, params, value_fn=fn)
     return from_closure
   if value_fn is not None or obj_fn is not None:
     raise ValueError(
         "update got both hessian= and a loss closure; the estimate already "
         "holds the Hessian pass, so pass only one")
-  if not isinstance(hessian, _hutchinson.HessianEstimate):
+  if not isinstance(hessian, _estimators.HessianEstimate):
     raise TypeError(
         "hessian must be the HessianEstimate returned by "
         f"aho.value_grad_and_hessian, got {type(hessian).__name__}")
   if (jax.tree.structure(hessian.estimator)
-      != jax.tree.structure(estimator)):
+      != jax.tree.structure(state)):
     raise ValueError(
         "hessian was estimated with another estimator's state "
         f"({hessian.estimator!r}); call value_grad_and_hessian with this "
         "optimizer's own state")
   diagonal = hessian.diagonal
-  if _compose.has_masked_node(params):
+  if _checks.has_masked_node(params):
     diagonal = _compose.mask_like(params, diagonal)
   _tree.check_same_structure(
       params, diagonal, "hessian.diagonal",
@@ -244,7 +244,14 @@ def _first_moment(grads: list, old_mu: list, b1) -> list:
 
 
 def _preconditioned(mu, curvature, grads, count, b1, b2, power, eps):
-  """`mu_hat / (nu_hat^(power/2) + eps)` per leaf, zero before a refresh."""
+  """`mu_hat / (nu_hat^(power/2) + eps)` per leaf, zero before a refresh.
+
+  A non-finite first moment (a NaN or an infinite gradient, from bad params
+  or a bad batch) gives a NaN update, before the first refresh too, as
+  `optax.adam` does: a bad gradient is never turned into a zero update,
+  which would stall training silently. (`optax.apply_if_finite` skips such
+  steps instead.)
+  """
   mu_hat = optax.tree.bias_correction(mu, b1, _as_float(count, mu))
   refreshes = curvature.hessian_count
   nu_hat = optax.tree.bias_correction(
@@ -252,7 +259,8 @@ def _preconditioned(mu, curvature, grads, count, b1, b2, power, eps):
 
   def one(m, v, g):
     u = m.astype(v.dtype) / (jnp.power(v, power / 2) + eps)
-    return jnp.where(refreshes > 0, u, 0).astype(g.dtype)
+    before = jnp.where(jnp.isfinite(m), 0, jnp.nan).astype(v.dtype)
+    return jnp.where(refreshes > 0, u, before).astype(g.dtype)
   return jax.tree.map(one, mu_hat, nu_hat, grads)
 
 
@@ -388,11 +396,6 @@ def scale_by_adahessian(
   def init_fn(params):
     _spatial.resolve_rules(spatial_averaging, params)
     estimator_state = estimator.init(params)
-    if not isinstance(estimator_state, _hutchinson.EstimatorState):
-      raise TypeError(
-          "estimator must be aho.hutchinson_estimator(...) or "
-          "aho.gnb_estimator(...); its init returned "
-          f"{type(estimator_state).__name__}")
     split = _tree.FloatLeaves.of(params)
     leaves = split.select(params)
     nu = [jnp.zeros_like(x, dtype=_tree.at_least_float32(x.dtype))
@@ -424,7 +427,7 @@ def scale_by_adahessian(
                            state.nonfinite_hessian_count, state.estimator)
     if refresh is not False:
       estimate_fn = _estimate_fn(params, value_fn, obj_fn, hessian,
-                                 state.estimator)
+                                 estimator, state.estimator)
       rules = _spatial.resolve_rules(spatial_averaging, params)
       curvature = dispatch(
           refresh, lambda c: _refreshed(c, estimate_fn, split, rules, b2_),
@@ -595,7 +598,7 @@ def adahessian(
       _checks.check_interval(name, threshold, 0.0, float("inf"),
                              low_open=True, high_open=True)
       clip.append(transform(threshold))
-  return optax.chain(
+  chain = optax.chain(
       scale_by_adahessian(
           b1=b1, b2=b2, eps=eps, hessian_power=hessian_power, key=key,
           estimator=estimator, spatial_averaging=spatial_averaging,
@@ -605,3 +608,17 @@ def adahessian(
       _float_only(optax.add_decayed_weights(weight_decay, weight_decay_mask)),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+  # The chain's own update, with a clear error for the loss passed
+  # positionally (optax's would be "update_fn() takes from 2 to 3 positional
+  # arguments but 4 were given"); init and the state are the chain's.
+  def update_fn(updates, state, params=None, *args, **extra_args):
+    if args:
+      raise TypeError(
+          "aho.adahessian's update takes the loss closure as a keyword "
+          "argument: tx.update(grads, state, params, value_fn=loss_of_params)"
+          " (or hessian=... from aho.value_grad_and_hessian); got "
+          f"{len(args)} more positional argument(s) after params")
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)

@@ -10,11 +10,6 @@ def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def has_masked_node(tree: Any) -> bool:
-  """True when `tree` contains an `optax.MaskedNode` anywhere."""
-  return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
-
-
 def unmask_params(partial_params: Any, full_params: Any) -> Any:
   r"""Fills the ``optax.MaskedNode`` holes of a partial params tree.
 
@@ -117,19 +112,3 @@ def masked_value_fn(value_fn: Callable[[Any], jax.Array],
     return value_fn(unmask_params(params, full_params))
 
   return partial_value_fn
-
-
-def call_value_fn(value_fn: Callable[[Any], Any], params: Any) -> Any:
-  """Calls `value_fn(params)`, explaining failures on a masked params tree."""
-  if not has_masked_node(params):
-    return value_fn(params)
-  try:
-    return value_fn(params)
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    raise TypeError(
-        "value_fn failed on params that contain optax.MaskedNode: AdaHessian "
-        "runs inside optax.masked or optax.partition, which hide the leaves it "
-        "does not own, so the loss closure gets a partial tree. Pass "
-        "value_fn=adahessian_optax.masked_value_fn(loss, params) (with the "
-        "full params of the training step) to fill the hidden leaves. "
-        f"The closure raised {type(e).__name__}: {e}") from e

@@ -91,8 +91,9 @@ class ModelRules:
 
   def _find(self, path: Any) -> Optional[Path]:
     names = _names(path)
-    # NNX states of Variables end in `.value`; a Linen variables dict starts
-    # with its "params" collection.
+    # NNX states of Variables, and Linen params in sharding boxes
+    # (nn.Partitioned, nn.LogicallyPartitioned), end in `.value`; a Linen
+    # variables dict starts with its "params" collection.
     tails = [names] + ([names[:-1]] if names[-1:] == ("value",) else [])
     for tail in list(tails):
       if tail[:1] == ("params",):
@@ -110,7 +111,7 @@ class ModelRules:
             f"spatial_rules({self.source}) has no leaf {where}: give the "
             "optimizer the params of the model the rules were made from, "
             "with the same paths (for example nnx.state(model, nnx.Param), "
-            "Linen's variables['params'], eqx.filter(model, "
+            "Linen's variables['params'], boxed or unboxed, eqx.filter(model, "
             "eqx.is_inexact_array))")
       if tuple(leaf.shape) != self.shapes[found]:
         raise ValueError(
@@ -127,10 +128,23 @@ class ModelRules:
     return "\n".join(lines)
 
 
-def _leaves(tree: Any) -> dict:
-  return {_names(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(tree)
-          if hasattr(x, "shape")}
+def _leaves(tree: Any, is_box: Callable[[Any], bool] = lambda x: False
+            ) -> dict:
+  """The shape of every array by path; a box (`is_box`: metadata around one
+  array) counts as its array, at the box's own path."""
+  shapes = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_box):
+    if is_box(x):
+      inside = jax.tree.leaves(x)
+      if len(inside) != 1:
+        raise ValueError(
+            f"spatial_rules: the param {_tree.path_str(path)} is a "
+            f"{type(x).__name__} box holding {len(inside)} arrays; a box "
+            "must hold one")
+      x = inside[0]
+    if hasattr(x, "shape"):
+      shapes[_names(path)] = tuple(x.shape)
+  return shapes
 
 
 def _output_axes(node: Any) -> int:
@@ -187,7 +201,11 @@ def _linen_rules(module: Any, args: tuple, kwargs: dict,
     raise ValueError(
         f"spatial_rules: {type(module).__name__}.init created no 'params' "
         "collection with these inputs")
-  shapes = _leaves(variables["params"])
+  # Sharding annotations (nn.with_partitioning, nn.with_logical_partitioning)
+  # box each param; the rules are keyed by the unboxed paths. The boxes are
+  # not unboxed here: under a mesh that would add sharding constraints.
+  shapes = _leaves(variables["params"],
+                   lambda x: isinstance(x, nn.meta.AxisMetadata))
   rules = _flax_rules(modules.items(), shapes, block_size,
                       (nn.Conv, nn.ConvTranspose), (nn.Dense,),
                       (nn.DenseGeneral,))
