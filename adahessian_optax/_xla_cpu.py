@@ -11,7 +11,7 @@ convolution written in that layout by explicit transposes, so that the
 loops of the analysis tools run at the speed of top-level code.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 from jax.extend import core as jax_core
@@ -136,17 +136,23 @@ def _eval(jaxpr: jax_core.Jaxpr, consts, *args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
-def call(fn: Callable[..., Any], *args: Any) -> Any:
+def call(fn: Callable[..., Any], *args: Any,
+         inspect: Optional[Callable[[Any], None]] = None,
+         rewrite: bool = True) -> Any:
   """`fn(*args)`, its convolutions in XLA:CPU's fast layout on a CPU backend.
 
-  Elsewhere (GPU, TPU), or when the trace holds no convolution, this is
-  `fn(*args)` itself.
+  Elsewhere (GPU, TPU), when the trace holds no convolution, or without
+  `rewrite`, this is `fn(*args)` itself. `inspect`, if given, is called on
+  the trace's jaxpr first (on every backend), to refuse what it holds.
   """
-  if jax.default_backend() != "cpu":
+  rewrite = rewrite and jax.default_backend() == "cpu"
+  if not rewrite and inspect is None:
     return fn(*args)
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+  if inspect is not None:
+    inspect(closed.jaxpr)
   leaves = jax.tree.leaves(args)
-  if _has_conv(closed.jaxpr):
+  if rewrite and _has_conv(closed.jaxpr):
     out = _eval(closed.jaxpr, closed.consts, *leaves)
   else:
     out = jax_core.jaxpr_as_fun(closed)(*leaves)

@@ -100,8 +100,9 @@ def preconditioner(name: str, optimizer, params):
   else:
     p = aho.adahessian_preconditioner(optimizer.opt_state)
   # nnx.Optimizer keeps its state's arrays in OptVariable boxes and the
-  # params in Param boxes: the same leaves in the same order.
-  return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(p))
+  # params in Param boxes: the operator matches them by position.
+  del params
+  return p
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "name", "kinds",
@@ -115,8 +116,8 @@ def _measure_jitted(state, x, y, init, key, *, graphdef, name, kinds, tol,
   model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   p = preconditioner(name, optimizer, params)
   loss = _params_loss(model_graphdef)
-  return _measure(lambda q: loss(q, (rest, x, y)), params, p, init, key,
-                  kinds, tol, n_steps)
+  return _measure(loss, (rest, x, y), params, p, init, key, kinds, tol,
+                  n_steps)
 
 
 def _shift_free(params):
@@ -132,14 +133,19 @@ def _shift_free(params):
                            and path[1].key == "bias"), params)
 
 
-def _measure(value_fn, params, p, init, key, kinds, tol, n_steps) -> dict:
+def _measure(loss, batch, params, p, init, key, kinds, tol, n_steps) -> dict:
   """`{kind: Eigenpairs}`: λmax(H) ("sharpness") and λmax(P^-1/2 H P^-1/2)
-  ("preconditioned"), each started from `init[kind]` if given."""
-  return {kind: aho.hessian_eigenvalues(
-      value_fn, params, key, tol=tol, n_steps=n_steps,
-      init=None if init is None else init[kind], wrt=_shift_free,
-      preconditioner=p if kind == "preconditioned" else None)
-          for kind in kinds}
+  ("preconditioned"), each started from `init[kind]` if given.
+
+  One operator (one primal pass) serves both; the loss is defined once and
+  the data is its `batch`, so that every measurement of a run reuses the
+  compiled programs.
+  """
+  hessian = aho.curvature_operator(loss, params, batch=batch, wrt=_shift_free)
+  ops = {"sharpness": hessian, "preconditioned": hessian.precondition(p)}
+  return {kind: aho.eigenpairs(
+      ops[kind], key, tol=tol, n_steps=n_steps,
+      init=None if init is None else init[kind]) for kind in kinds}
 
 
 class Tracker:
@@ -164,9 +170,8 @@ class Tracker:
              tol=None) -> dict:
     tol = tol or self.tol
     loss = _params_loss(model_graphdef)
-    return _measure(lambda q: loss(q, (rest, self.x, self.y)), params, p,
-                    init, step, self.kinds, tol,
-                    self.n_steps if tol == self.tol else None)
+    return _measure(loss, (rest, self.x, self.y), params, p, init, step,
+                    self.kinds, tol, self.n_steps if tol == self.tol else None)
 
   def _checked(self, pairs: dict, point: dict, suffix: str, *args) -> dict:
     """`pairs`, each one redone from a random start with tol 1e-4 where its

@@ -18,6 +18,7 @@ import flax.linen as nn
 from flax import nnx
 import jax
 from jax.flatten_util import ravel_pytree
+from jax.sharding import AxisType
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -186,9 +187,11 @@ _QKV = ("query", "key", "value")
 # Linen.
 
 
-def _linen_case(module, x, block_size=None):
+def _linen_case(module, x, block_size=None, unbox=False):
   def build():
     params = module.init(jax.random.key(0), x)["params"]
+    if unbox:
+      params = nn.meta.unbox(params)
     loss = lambda p: _mse(module.apply({"params": p}, x))
     rules = aho.spatial_rules(module, x, block_size=block_size)
     return params, loss, rules, loss
@@ -310,6 +313,165 @@ def _eqx_stack(key, dtype):
 
 
 # ---------------------------------------------------------------------------
+# Sharded: Linen params in sharding boxes, NNX Variables with shardings.
+
+
+def _mesh():
+  """2x2 devices under the test suite's flags; one device elsewhere."""
+  n = 2 if jax.device_count() >= 4 else 1
+  return jax.make_mesh((n, n), ("data", "model"),
+                       axis_types=(AxisType.Auto,) * 2)
+
+
+class NnxSharded(nnx.Module):
+  """Every param annotated with nnx.with_partitioning, made on a mesh (NNX
+  then places each one on it)."""
+
+  def __init__(self, rngs, dtype):
+    init = nnx.initializers.lecun_normal()
+    shard = nnx.with_partitioning
+    self.embed = nnx.Embed(6, 4, param_dtype=dtype, rngs=rngs,
+                           embedding_init=shard(init, ("model", "data")))
+    self.norm = nnx.LayerNorm(4, param_dtype=dtype, rngs=rngs,
+                              scale_init=shard(nnx.initializers.ones,
+                                               ("data",)))
+    self.conv = nnx.Conv(4, 4, (3,), param_dtype=dtype, rngs=rngs,
+                         kernel_init=shard(init, (None, "data", "model")),
+                         bias_init=shard(nnx.initializers.zeros, ("model",)))
+    self.attention = nnx.MultiHeadAttention(
+        num_heads=2, in_features=4, qkv_features=4, decode=False,
+        param_dtype=dtype, rngs=rngs,
+        kernel_init=shard(init, ("data", "model", None)))
+    self.head = nnx.Linear(4, 2, param_dtype=dtype, rngs=rngs,
+                           kernel_init=shard(init, ("data", "model")))
+
+  def __call__(self, tokens):
+    h = jnp.tanh(self.conv(self.norm(self.embed(tokens))))
+    return self.head(self.attention(h).mean(axis=1))
+
+
+def _on_mesh(cls):
+  def make(rngs, dtype):
+    with jax.set_mesh(_mesh()):
+      return cls(rngs, dtype)
+  return make
+
+
+class LinenShardedConv(nn.Module):
+  """Kernels boxed by both of Linen's sharding annotations."""
+
+  @nn.compact
+  def __call__(self, x):  # x: (batch, 4, 4, 2)
+    init = nn.initializers.lecun_normal()
+    h = nn.Conv(3, (2, 2), kernel_init=nn.with_partitioning(
+        init, (None, None, "data", "model")))(x)
+    h = nn.Conv(2, (3,), kernel_init=nn.with_logical_partitioning(
+        init, (None, "embed", "mlp")))(jnp.tanh(h).reshape(-1, 4, 3))
+    return nn.Dense(2, kernel_init=nn.with_partitioning(
+        init, ("model", None)))(jnp.tanh(h).mean(axis=1))
+
+
+# google/flax's examples/lm1b TransformerLM as its params are: module names,
+# shapes, and the logical sharding names of every param (written here, not
+# copied). Its default position embedding is fixed, not a param; dropout is
+# off.
+
+
+@dataclasses.dataclass(frozen=True)
+class Lm1bConfig:
+  vocab_size: int = 6
+  emb_dim: int = 4
+  num_heads: int = 2
+  qkv_dim: int = 4
+  mlp_dim: int = 8
+  num_layers: int = 1
+
+
+_XAVIER = nn.initializers.xavier_uniform()
+_SMALL = nn.initializers.normal(1e-6)
+
+
+def _logical(init, *names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _lm1b_norm(name=None):
+  return nn.LayerNorm(bias_init=_logical(nn.initializers.zeros, "embed"),
+                      scale_init=_logical(nn.initializers.ones, "embed"),
+                      name=name)
+
+
+class _Lm1bMlp(nn.Module):
+  config: Lm1bConfig
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.config.mlp_dim,
+                 kernel_init=_logical(_XAVIER, "embed", "mlp"),
+                 bias_init=_logical(_SMALL, "mlp"))(x)
+    return nn.Dense(x.shape[-1], kernel_init=_logical(_XAVIER, "mlp", "embed"),
+                    bias_init=_logical(_SMALL, "embed"))(nn.relu(h))
+
+
+class _Lm1bBlock(nn.Module):
+  config: Lm1bConfig
+
+  @nn.compact
+  def __call__(self, x, mask):
+    c = self.config
+    x = x + nn.MultiHeadDotProductAttention(
+        num_heads=c.num_heads, qkv_features=c.qkv_dim, use_bias=False,
+        kernel_init=_logical(_XAVIER, "embed", "kv"), deterministic=True)(
+            _lm1b_norm()(x), mask=mask)
+    return x + _Lm1bMlp(c, name="MlpBlock_0")(_lm1b_norm()(x))
+
+
+class _Lm1bDecoder(nn.Module):
+  config: Lm1bConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.config
+    y = nn.Embed(c.vocab_size, c.emb_dim, embedding_init=_logical(
+        nn.initializers.normal(1.0), "vocab", "embed"))(tokens)
+    mask = nn.make_causal_mask(tokens)
+    for i in range(c.num_layers):
+      y = _Lm1bBlock(c, name=f"encoderdecoderblock_{i}")(y, mask)
+    y = _lm1b_norm("encoderdecoder_norm")(y)
+    return nn.Dense(c.vocab_size, kernel_init=_logical(_XAVIER, "embed", "vocab"),
+                    bias_init=_logical(_SMALL, "vocab"), name="logitdense")(y)
+
+
+class Lm1bStyleLM(nn.Module):
+  config: Lm1bConfig = Lm1bConfig()
+
+  @nn.compact
+  def __call__(self, tokens):
+    return _Lm1bDecoder(self.config, name="decoder")(tokens)
+
+
+def _lm1b_table(block, layers=1, boxed=False):
+  """Blocks along the input axis of every Dense and attention kernel; the
+  embedding, norms and biases keep their own estimates."""
+  table = {"decoder/logitdense/kernel": blocks(block, -2)}
+  for i in range(layers):
+    layer = f"decoder/encoderdecoderblock_{i}/"
+    attention = layer + "MultiHeadDotProductAttention_0/"
+    table.update({attention + f"{n}/kernel": blocks(block, -3) for n in _QKV})
+    table[attention + "out/kernel"] = blocks(block, -2)
+    for dense in ("Dense_0", "Dense_1"):
+      table[f"{layer}MlpBlock_0/{dense}/kernel"] = blocks(block, -2)
+  # A boxed param's array is the box's `value`.
+  return {name + ("/value" if boxed else ""): rule
+          for name, rule in table.items()}
+
+
+_TOKENS = jnp.arange(10).reshape(2, 5) % 6
+_SHARDED_CONV = {"Conv_0/kernel": window(-4, -3), "Conv_1/kernel": window(-3),
+                 "Dense_0/kernel": blocks(2, -2)}
+
+
+# ---------------------------------------------------------------------------
 # The zoo.
 
 
@@ -379,6 +541,22 @@ CASES = [
          _eqx_case(_eqx_stack, _data((4, 2, 3)), dtype=jnp.bfloat16),
          helper={"1/weight": window(-1)},
          default={"1/weight": window(-1)}),
+    Case("nnx-sharded", _nnx_case(_on_mesh(NnxSharded), _TOKENS,
+                                  block_size=2),
+         helper={"conv/kernel": window(-3), **_attention_nnx(2)}),
+    Case("linen-sharded-conv-boxed",
+         _linen_case(LinenShardedConv(), _data((2, 4, 4, 2)), block_size=2),
+         helper={f"{name}/value": rule
+                 for name, rule in _SHARDED_CONV.items()}),
+    Case("linen-sharded-conv-unboxed",
+         _linen_case(LinenShardedConv(), _data((2, 4, 4, 2)), block_size=2,
+                     unbox=True),
+         helper=_SHARDED_CONV),
+    Case("linen-lm1b-boxed", _linen_case(Lm1bStyleLM(), _TOKENS, block_size=2),
+         helper=_lm1b_table(2, boxed=True)),
+    Case("linen-lm1b-unboxed",
+         _linen_case(Lm1bStyleLM(), _TOKENS, block_size=2, unbox=True),
+         helper=_lm1b_table(2)),
 ]
 
 
@@ -386,9 +564,10 @@ def _case_id(case):
   return case.name
 
 
-# One model of each framework, stacked, in the default test run; the whole
-# zoo with the slow tests (many probes, Lanczos, compiles per model).
-_FAST = ("nnx-vmap-stack", "linen-scan", "eqx-conv")
+# One model of each framework, stacked, and lm1b's in its sharding boxes, in
+# the default test run; the whole zoo with the slow tests (many probes,
+# Lanczos, compiles per model).
+_FAST = ("nnx-vmap-stack", "linen-scan", "eqx-conv", "linen-lm1b-boxed")
 SOME = [pytest.param(c, id=c.name, marks=() if c.name in _FAST
                      else pytest.mark.slow) for c in CASES]
 
@@ -610,3 +789,119 @@ def test_spatial_rules_fit_every_form_of_the_params():
   assert (_spatial.resolve_rules(linen_rules, v)
           == _spatial.resolve_rules(linen_rules, v["params"]))
   assert aho.mean_over_axes(-3) in _spatial.resolve_rules(linen_rules, v)
+
+
+# ---------------------------------------------------------------------------
+# Sharded models, as their training scripts run them.
+
+
+_LOGICAL_AXES = (("mlp", "tensor"), ("vocab", "tensor"), ("embed", "fsdp"),
+                 ("heads", "tensor"))
+
+
+def _cross_entropy(model, params, tokens):
+  logits = model.apply({"params": params}, tokens)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+
+def test_lm1b_steps_alike_on_its_boxed_and_unboxed_sharded_state():
+  """lm1b's setup: the TrainState made with boxed params (so tx.init sees
+  the boxes) on a mesh from its logical axis rules, then unboxed, as its
+  train.py does before the first step."""
+  model, tokens = Lm1bStyleLM(), _TOKENS
+  rules = aho.spatial_rules(model, tokens, block_size=2)
+  tx = aho.adahessian(0.05, key=0, spatial_averaging=rules)
+
+  def create(key):
+    params = model.init(key, tokens)["params"]
+    return aho.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  n = 2 if jax.device_count() >= 4 else 1
+  mesh = jax.make_mesh((1, n, n), ("data", "fsdp", "tensor"),
+                       axis_types=(AxisType.Auto,) * 3)
+  specs = nn.get_partition_spec(jax.eval_shape(create, jax.random.key(0)))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_LOGICAL_AXES):
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, _LOGICAL_AXES)
+    boxed = jax.jit(create, out_shardings=shardings)(jax.random.key(0))
+  unboxed = nn.meta.unbox(boxed)
+  assert (_spatial.resolve_rules(rules, boxed.params)
+          == _spatial.resolve_rules(rules, unboxed.params))
+
+  loss = functools.partial(_cross_entropy, model, tokens=tokens)
+
+  @jax.jit
+  def step(state):
+    return state.apply_gradients(grads=jax.grad(loss)(state.params),
+                                 value_fn=loss)
+
+  from_boxed, from_unboxed = step(boxed), step(unboxed)
+  embedding = from_boxed.params["decoder"]["Embed_0"]["embedding"]
+  assert isinstance(embedding, nn.LogicallyPartitioned)
+  chex.assert_trees_all_close(nn.meta.unbox(from_boxed.params),
+                              from_unboxed.params, atol=1e-6)
+  assert float(loss(from_unboxed.params)) < float(loss(unboxed.params))
+  for got, want in zip(jax.tree.leaves(from_unboxed.params),
+                       jax.tree.leaves(shardings.params)):
+    assert got.sharding.is_equivalent_to(want, got.ndim), (got.sharding, want)
+
+
+def test_nnx_sharded_model_steps_and_keeps_its_shardings():
+  """NNX's sharding guide: model and optimizer made on the mesh, the step
+  jitted; every annotated param keeps the sharding its metadata names (XLA
+  may shard the others as it likes)."""
+  mesh = _mesh()
+  with jax.set_mesh(mesh):
+    model = NnxSharded(nnx.Rngs(0), jnp.float32)
+    rules = aho.spatial_rules(model, block_size=2)
+    optimizer = nnx.Optimizer(
+        model, aho.adahessian(0.05, key=0, spatial_averaging=rules),
+        wrt=nnx.Param)
+  variables = nnx.state(model, nnx.Param)  # Params with their shardings
+  assert (_spatial.resolve_rules(rules, variables)
+          == _spatial.resolve_rules(rules, nnx.as_pure(variables)))
+  target = _data((2, 2), seed=1)
+  loss_fn = lambda m: jnp.mean((jnp.tanh(m(_TOKENS)) - target) ** 2)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, value_fn=aho.nnx_value_fn(loss_fn, model))
+    return loss
+
+  with jax.set_mesh(mesh):
+    first = step(model, optimizer)
+    assert float(step(model, optimizer)) < float(first)
+  specs = nnx.as_pure(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  for x, spec in zip(jax.tree.leaves(params), jax.tree.leaves(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
+    if spec == jax.sharding.PartitionSpec():
+      continue
+    want = jax.sharding.NamedSharding(mesh, spec)
+    assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, spec)
+
+
+def test_spatial_rules_errors_on_boxed_params_name_the_leaf():
+  x = _data((2, 4, 4, 2))
+  rules = aho.spatial_rules(LinenShardedConv(), x)
+  params = LinenShardedConv().init(jax.random.key(0), x)["params"]
+  wrong = {**params, "Dense_0": {**params["Dense_0"], "kernel": nn.Partitioned(
+      jnp.ones((3, 2)), ("model", None))}}
+  with pytest.raises(ValueError, match=r"\['Dense_0'\]\['kernel'\]\.value has "
+                     r"shape \(3, 2\), but the model's has \(2, 2\)"):
+    rules(wrong)
+  extra = {**params, "extra": nn.Partitioned(jnp.ones(2), ("model",))}
+  with pytest.raises(ValueError, match=r"no leaf \['extra'\]\.value"):
+    rules(extra)
+
+  class TwoArraysInABox(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      pair = self.param("pair", lambda key: nn.Partitioned(
+          (jnp.ones(2), jnp.ones(3)), ("model",)))
+      return x * pair[0].sum()
+
+  with pytest.raises(ValueError, match=r"\['pair'\] is a Partitioned box "
+                     "holding 2 arrays"):
+    aho.spatial_rules(TwoArraysInABox(), jnp.ones(2))

@@ -1,6 +1,7 @@
 """Optimizers' preconditioners and stability thresholds, recomputed in NumPy."""
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -70,9 +71,37 @@ def test_preconditioner_from_an_nnx_optimizer():
   got = aho.hessian_eigenvalues(value_fn, params, 0, k=1,
                                 preconditioner=p).values
   flat_p = np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)])
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  flat, unravel = ravel_pytree(params)
   hess = np.asarray(jax.hessian(lambda f: value_fn(unravel(f)))(flat))
   s = 1 / np.sqrt(np.concatenate(
       [np.ravel(v) for v in jax.tree.leaves(unravel(jnp.asarray(flat_p)))]))
   np.testing.assert_allclose(
       got, np.linalg.eigvalsh(s[:, None] * hess * s)[-1:], rtol=1e-4)
+
+
+@pytest.mark.standard_promotion  # optax.adam's own bias correction
+def test_an_nnx_optimizers_preconditioner_is_taken_as_it_comes():
+  # nnx.Optimizer boxes its state (OptVariable) where the params hold
+  # Param: the operator matches the leaves by position, no re-boxing.
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+  graphdef, params = nnx.split(model, nnx.Param)
+  loss = lambda p: jnp.mean(jnp.tanh(nnx.merge(graphdef, p)(x)) ** 2)
+  optimizer.update(model, nnx.grad(lambda m: loss(nnx.state(m, nnx.Param)))(
+      model))
+  params = nnx.state(model, nnx.Param)
+  p = aho.adam_preconditioner(optimizer.opt_state)
+  got = aho.hessian_eigenvalues(loss, params, 0, k=2, preconditioner=p)
+  reboxed = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(p))
+  want = aho.hessian_eigenvalues(loss, params, 0, k=2, preconditioner=reboxed)
+  np.testing.assert_allclose(got.values, want.values, rtol=1e-5)
+  # And against P^-1/2 H P^-1/2 built densely.
+  flat, unravel = ravel_pytree(params)
+  hess = np.asarray(jax.hessian(lambda f: loss(unravel(f)))(flat), np.float64)
+  s = 1 / np.sqrt(np.asarray(ravel_pytree(reboxed)[0],
+                             np.float64))
+  np.testing.assert_allclose(
+      got.values, np.linalg.eigvalsh(s[:, None] * hess * s)[::-1][:2],
+      rtol=1e-4)

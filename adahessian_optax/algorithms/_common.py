@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from adahessian_optax import _checks
+from adahessian_optax import _programs
 from adahessian_optax import _probes
 from adahessian_optax import _tree
 from adahessian_optax.operators import _base
@@ -32,20 +33,38 @@ def draw(op: _base.LinearOperator, key: jax.Array,
   propagates the params' shardings).
   """
   key, z = next_probe(key, tuple(op.space.shapes), distribution)
-  z = _base.mask_vector(op, z)
-  if op.space.placement is not None:
-    z = [jax.device_put(v, s) for v, s in zip(z, op.space.placement)]
-  return key, z
+  return key, place(op, _base.mask_vector(op, z))
+
+
+def place(op: _base.LinearOperator, v: list) -> list:
+  """`v` placed like the operator's probes (its params' shardings), when
+  they are known (concrete params on several devices)."""
+  if op.space.placement is None:
+    return v
+  return [jax.device_put(x, s) for x, s in zip(v, op.space.placement)]
+
+
+def _apply(op, v):
+  return op.apply(v)
+
+
+def product(op: _base.LinearOperator):
+  """`v -> A v`, the result placed like the probes (so every vector of an
+  algorithm has its parameter's sharding); compiled once when an algorithm
+  loops in Python around a traceable product."""
+  apply = op.apply
+  if op.traceable and not _programs.is_traced(op):
+    apply = lambda v: _programs.call(_apply, (op, v))
+  if op.space.placement is None:
+    return apply
+  return lambda v: place(op, apply(v))
 
 
 def zeros(op: _base.LinearOperator) -> list:
   """Zeros shaped like the operator's leaves (at least float32), placed like
   its probes."""
-  z = [jnp.zeros(shape, _tree.at_least_float32(dtype))
-       for shape, dtype in op.space.shapes]
-  if op.space.placement is not None:
-    z = [jax.device_put(v, s) for v, s in zip(z, op.space.placement)]
-  return z
+  return place(op, [jnp.zeros(shape, _tree.at_least_float32(dtype))
+                    for shape, dtype in op.space.shapes])
 
 
 def check_steps(name: str, value: Any, low: int, dim: int, hint: str):

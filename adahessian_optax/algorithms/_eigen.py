@@ -81,9 +81,10 @@ def _warm_start(op: _base.LinearOperator, init: Any) -> list:
 def _top_pairs(op, loops, v0, *, n_steps, k, tol, negate):
   """`(theta, vectors, residuals, steps, converged)` of a Lanczos run from
   `v0` until the `k` largest pairs of `op` (of `-op`) meet `tol`."""
-  apply = op.apply
+  apply = _common.product(op)
   if negate:
-    apply = lambda v: _lanczos.scale(op.apply(v), -1)
+    positive = apply
+    apply = lambda v: _lanczos.scale(positive(v), -1)
   state, n, done = _lanczos.lanczos_until_converged(
       apply, v0, n_steps, k, tol, loops, dim=op.size)
   return (*_lanczos.top_pairs(state, n, k), n, done)

@@ -92,7 +92,7 @@ def _quadratures(op, loops, key, *, n_samples, n_steps):
   from the next probe."""
   def one(key):
     key, v0 = _common.draw(op, key)
-    state = _lanczos.lanczos(op.apply, v0, n_steps, loops)
+    state = _lanczos.lanczos(_common.product(op), v0, n_steps, loops)
     return key, _lanczos.quadrature(state)
 
   return loops.scan(one, key, n_samples)[1]

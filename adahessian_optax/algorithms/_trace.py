@@ -45,7 +45,7 @@ def _hutchinson(op, loops, key, *, n, distribution):
   """Per-leaf samples `<z_l, (Az)_l>`, shape `(n, leaves)`."""
   def one(key):
     key, z = _common.draw(op, key, distribution)
-    return key, _lanczos.leaf_dots(z, op.apply(z))
+    return key, _lanczos.leaf_dots(z, _common.product(op)(z))
 
   exact = jnp.zeros(len(op.space.index), jnp.float32)
   return exact, loops.scan(one, key, n)[1]
@@ -76,13 +76,13 @@ def _hutch_plus_plus(op, loops, key, *, n, distribution):
   def sketch(j, carry):
     key, q = carry
     key, s = _common.draw(op, key, distribution)
-    return key, _append_orthonormal(q, j, op.apply(s))
+    return key, _append_orthonormal(q, j, _common.product(op)(s))
 
   key, q = loops.fori_loop(0, r, sketch, (key, q))
 
   def exact(j, total):
     v = _lanczos.row(q, j)
-    return total + _lanczos.leaf_dots(v, op.apply(v))
+    return total + _lanczos.leaf_dots(v, _common.product(op)(v))
 
   exact_part = loops.fori_loop(
       0, r, exact, jnp.zeros(len(op.space.index),
@@ -91,7 +91,7 @@ def _hutch_plus_plus(op, loops, key, *, n, distribution):
   def residual(key):
     key, g = _common.draw(op, key, distribution)
     u, _ = _lanczos.orthogonalize(q, g)
-    return key, _lanczos.leaf_dots(u, op.apply(u))
+    return key, _lanczos.leaf_dots(u, _common.product(op)(u))
 
   return exact_part, loops.scan(residual, key, n - 2 * r)[1]
 

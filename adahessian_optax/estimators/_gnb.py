@@ -163,7 +163,8 @@ def _outputs(loss: _ggn.GGN, params: Any) -> jax.Array:
 
 
 def _pull_back(vjp: Callable, cotangents: list,
-               batched: Optional[bool] = None) -> list:
+               batched: Optional[bool] = None,
+               batch_bytes: int = 1 << 26) -> list:
   """`vjp(c)` for each cotangent, all in one program.
 
   Batched (one :func:`jax.vmap` of `vjp`) for outputs with a sequence axis
@@ -174,9 +175,19 @@ def _pull_back(vjp: Callable, cotangents: list,
   its residuals once for both), their MLP 2.15 against 1.63 and CNN 1.80
   against 1.62 (the batched weight gradients come out transposed, and take
   more memory). On a GPU both were within 3% of each other.
+
+  Cotangents over `batch_bytes` (64 MiB) each are pulled back one call
+  each whatever their rank: a large vocabulary's logits (GPT-2's 50257
+  classes on 4 x 1024 tokens are 823 MB in float32), whose stacked copy
+  and batched backward cost more memory than batching saves time (GPT-2
+  small's fused GNB step, ``benchmarks/speed/memory_scale.py``: 1.40 to
+  1.32 times AdamW's temporary bytes on one device, 1.40 to 1.26 per device
+  on eight).
   """
   if batched is None:
-    batched = cotangents[0].ndim >= 3
+    c = cotangents[0]
+    batched = (c.ndim >= 3
+               and c.size * jnp.dtype(c.dtype).itemsize <= batch_bytes)
   if len(cotangents) == 1 or not batched:
     return [vjp(c)[0] for c in cotangents]
   stacked = jax.vmap(vjp)(jnp.stack(cotangents))[0]

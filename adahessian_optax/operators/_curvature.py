@@ -22,7 +22,6 @@ import functools
 from typing import Any, Callable, Optional
 
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 
 from adahessian_optax import _checks
@@ -125,15 +124,19 @@ def _stages_custom_lin(jaxpr) -> bool:
   return False
 
 
-def checked_call(fn: Callable[..., Any], *args: Any) -> Any:
-  """`fn(*args)`, traced first: forward mode applied to a custom-VJP kernel
-  (a staged ``custom_lin``) is an error that says so, at trace time."""
-  with forward_mode():
-    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-  if _stages_custom_lin(closed.jaxpr):
+def _refuse_custom_lin(jaxpr) -> None:
+  if _stages_custom_lin(jaxpr):
     raise TypeError(_KERNEL_WAYS_OUT)
-  out = jax_core.jaxpr_as_fun(closed)(*jax.tree.leaves(args))
-  return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
+def checked_call(fn: Callable[..., Any], *args: Any,
+                 rewrite: bool = False) -> Any:
+  """`fn(*args)`, traced first: forward mode applied to a custom-VJP kernel
+  (a staged ``custom_lin``) is an error that says so, at trace time. With
+  `rewrite`, the convolutions in XLA:CPU's loop layout (see _xla_cpu)."""
+  with forward_mode():
+    return _xla_cpu.call(fn, *args, inspect=_refuse_custom_lin,
+                         rewrite=rewrite)
 
 
 class Curvature:
@@ -217,8 +220,9 @@ class CurvatureOperator(_base.LinearOperator):
     dtypes = [dtype for _, dtype in self.space.shapes]
     # On XLA:CPU, the product's convolutions in the layout that runs fast
     # inside the algorithms' loops (see _xla_cpu).
-    out = checked_call(functools.partial(_xla_cpu.call, self.product),
-                       [x.astype(d) for x, d in zip(vector, dtypes)])
+    out = checked_call(self.product,
+                       [x.astype(d) for x, d in zip(vector, dtypes)],
+                       rewrite=True)
     return axis_mean(_tree.widen(out), self.axis_name)
 
 

@@ -43,11 +43,21 @@ class SubBatchValueFn(_curvature.Curvature):
   chunks: int = 1
 
   def head_chunks(self) -> tuple[float, list]:
-    """`(weight, pieces)`: the head's pieces, each weighted by its share."""
-    n, piece = batch_size(self.batch), self.size // self.chunks
-    pieces = [jax.tree.map(lambda x, i=i: x[i * piece:(i + 1) * piece],
-                           self.batch) for i in range(self.chunks)]
-    return piece / n, pieces
+    """`(weight, pieces)`: the head's pieces, each weighted by its share.
+
+    The pieces are strided: piece ``i`` holds the head's examples ``i, c + i,
+    2c + i, ...`` (``head.reshape(m / c, c, ...)[:, i]``), so that when the
+    batch is split over devices on its leading axis each piece keeps the
+    same share of every device's examples and none is moved between
+    devices (contiguous pieces would sit on a few devices, and XLA would
+    gather them there). Their sum is the head's loss, as for any partition.
+    """
+    n, c = batch_size(self.batch), self.chunks
+    strided = lambda x: x[:self.size].reshape((self.size // c, c)
+                                              + x.shape[1:])
+    pieces = [jax.tree.map(lambda x, i=i: strided(x)[:, i], self.batch)
+              for i in range(c)]
+    return self.size // c / n, pieces
 
   def tail(self) -> Optional[Callable[[Any], jax.Array]]:
     """The tail's loss, weighted by its share of the batch, or None."""
@@ -107,7 +117,13 @@ def _chunked_products(value_fn, params, space, tangents, combine, axis_name):
     return one(pieces[0])
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        jax.eval_shape(one, pieces[0]))
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *pieces)
+  # The pieces of head_chunks stacked as (c, m / c, ...) by a reshape and a
+  # transpose (no copy of a piece): the scan slices the first axis, and a
+  # leading-axis split of the batch stays on the second (m / c) axis.
+  c, m = len(pieces), value_fn.size
+  stacked = jax.tree.map(
+      lambda x: jnp.swapaxes(x[:m].reshape((m // c, c) + x.shape[1:]), 0, 1),
+      value_fn.batch)
   # The body through _xla_cpu.call: on XLA:CPU its convolutions are written
   # in the layout that runs fast inside a loop.
   return jax.lax.scan(
@@ -144,7 +160,12 @@ def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
   equal pieces one after the other (:func:`jax.lax.scan`), so that a refresh
   step holds the tangent activations of :math:`m / c` examples only: the
   same numbers with less memory, for models whose activations dominate it
-  (a Transformer's, not an MLP's, whose tangents are parameter-sized). On
+  (a Transformer's, not an MLP's, whose tangents are parameter-sized). The
+  pieces are strided (piece :math:`i` holds examples :math:`i, c + i, 2c +
+  i, \dots`), so that with the batch split over devices on its leading
+  axis each piece is cut within every device's shard and nothing is moved
+  between devices, when :math:`c` divides each device's share of
+  :math:`m`. On
   XLA:CPU the loop's body is traced with its convolutions in the layout
   that runs fast inside a loop, so a CNN's pieces cost no extra time.
 
@@ -164,7 +185,8 @@ def sub_batch_value_fn(loss_fn: Callable[[Any, Any], jax.Array], batch: Any,
       (shuffled, so that its first examples are a random sub-batch).
     fraction: :math:`f \in (0, 1]`, the share of the batch for the Hessian.
     chunks: the number of pieces the sub-batch is processed in; it must
-      divide :math:`m`.
+      divide :math:`m` (and, for a batch split over devices, each device's
+      share of it).
 
   Returns:
     A :class:`SubBatchValueFn` (a callable ``params -> scalar``).

@@ -294,6 +294,10 @@ def spatial_rules(model: Any, *args: Any, block_size: Optional[int] = None,
 
   A block is never longer than its axis. The paper averaged convolution
   windows in its CNN runs and used :math:`b = 32` for its Transformers.
+  Sharding annotations change no rule: a Linen param boxed by
+  ``nn.with_partitioning`` or ``nn.with_logical_partitioning`` gets the rule
+  of the array in its box, and NNX Params carrying a sharding are read as
+  any other.
 
   Args:
     model: an NNX :class:`flax.nnx.Module`; a Linen :class:`flax.linen.Module`
@@ -310,9 +314,10 @@ def spatial_rules(model: Any, *args: Any, block_size: Optional[int] = None,
     A function ``params -> rules`` for the ``spatial_averaging`` argument of
     :func:`adahessian`. It takes the params the optimizer sees (for NNX,
     ``nnx.state(model, nnx.Param)``; for Linen, ``variables["params"]`` or
-    the whole variables dict; for Equinox, the filtered model) and raises a
+    the whole variables dict, in their sharding boxes or unboxed with
+    ``nn.meta.unbox``; for Equinox, the filtered model) and raises a
     ValueError naming any float leaf that is not the model's. Its ``repr``
-    lists every leaf with its rule.
+    lists every leaf with its rule, by its unboxed path.
 
   Examples:
     >>> import jax, jax.numpy as jnp
