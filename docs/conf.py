@@ -21,6 +21,9 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax served from the build's own _static/mathjax (the package ships
+    # it), so that the math renders offline; it sets mathjax_path.
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "aho_api",
 ]

@@ -8,7 +8,7 @@ seeds, at its tuned learning rate and at a larger one; the script prints a
 table (test accuracy and loss, mean and spread over seeds, divergences at the
 larger rate, time per step) and plots the loss curves with bands over seeds.
 
-    python examples/digits.py                # the comparison, ~80 s on 2 cores
+    python examples/digits.py                # the comparison, ~1 min on 2 cores
     python examples/digits.py --smoke        # a few seconds, for tests
 
 The learning rates below were tuned by ``python -m benchmarks.study.run`` on a
@@ -299,8 +299,30 @@ def _mean_std(values, scale=1.0, digits=2) -> str:
   return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
-def table(rows) -> str:
-  """The comparison: mean ± std over seeds at each rate."""
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                       "docs", "results", "digits.json")
+
+
+def summarize(rows, meta: dict) -> dict:
+  """The results file: each run's final numbers (no curves), and how the
+  runs were made. ``results_table`` renders it."""
+  def final(run):
+    return {"seed": run["seed"], "test_acc": run["test_acc"][-1],
+            "test_loss": run["test_loss"][-1],
+            "final_train_loss": run["final_train_loss"],
+            "diverged": run["diverged"], "finite": run["finite"],
+            "ms_per_step": run["ms_per_step"]}
+  return dict(meta, optimizers=[
+      {"name": r["name"], "learning_rate": r["learning_rate"],
+       "larger_multiplier": r["larger_multiplier"],
+       "runs": [final(x) for x in r["runs"]],
+       "larger_runs": [final(x) for x in r["larger_runs"]]} for r in rows])
+
+
+def results_table(data: dict) -> str:
+  """The comparison (mean ± std over seeds at each rate), from the results
+  file that ``summarize`` wrote (docs/results/digits.json)."""
+  rows = data["optimizers"]
   adam = next((r for r in rows if r["name"] == "Adam"), None)
   n, larger = len(rows[0]["runs"]), rows[0]["larger_multiplier"]
   lines = [
@@ -316,13 +338,42 @@ def table(rows) -> str:
            if adam else "-")
     lines.append(
         f"| {r['name']} | {r['learning_rate']:g} "
-        f"| {_mean_std([x['test_acc'][-1] for x in runs], 100)} "
-        f"| {_mean_std([x['test_loss'][-1] for x in runs], digits=4)} "
+        f"| {_mean_std([x['test_acc'] for x in runs], 100)} "
+        f"| {_mean_std([x['test_loss'] for x in runs], digits=4)} "
         f"| {_mean_std([x['final_train_loss'] for x in runs], digits=4)} "
-        f"| {_mean_std([x['test_acc'][-1] for x in big], 100)} "
+        f"| {_mean_std([x['test_acc'] for x in big], 100)} "
         f"| {sum(x['diverged'] for x in big)}/{len(big)} "
         f"| {ms:.2f} | {rel} |")
   return "\n".join(lines)
+
+
+def values(data: dict) -> dict:
+  """Numbers quoted in the prose, from the results file: ``acc:<name>``,
+  ``larger_acc:<name>`` and ``larger_diverged:<name>`` (at the larger rate),
+  ``vs_adam:<name>`` (the median step time over Adam's), ``larger`` (the
+  multiplier), ``seeds``."""
+  rows = data["optimizers"]
+  out = {"larger": f"{rows[0]['larger_multiplier']:g}",
+         "seeds": str(len(rows[0]["runs"]))}
+  adam = next((r for r in rows if r["name"] == "Adam"), None)
+  for r in rows:
+    out[f"acc:{r['name']}"] = _mean_std([x["test_acc"] for x in r["runs"]],
+                                        100)
+    big = r["larger_runs"]
+    out[f"larger_acc:{r['name']}"] = _mean_std([x["test_acc"] for x in big],
+                                               100)
+    out[f"larger_diverged:{r['name']}"] = (
+        f"{sum(x['diverged'] for x in big)} of {len(big)}")
+    if adam:
+      ms = statistics.median(x["ms_per_step"] for x in r["runs"])
+      base = statistics.median(a["ms_per_step"] for a in adam["runs"])
+      out[f"vs_adam:{r['name']}"] = f"{ms / base:.2f}"
+  return out
+
+
+def table(rows) -> str:
+  """The comparison of `compare`'s rows (the printed table)."""
+  return results_table(summarize(rows, {}))
 
 
 def _band(ax, curves, label):
@@ -395,6 +446,10 @@ def main(argv=None) -> None:
                       help="default: all (AdaHessian and Adam with --smoke)")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny run for tests; does not touch docs/")
+  parser.add_argument("--results", default=None,
+                      help="the results file that the README's table is "
+                           "rendered from (default: docs/results/"
+                           "digits.json, written by the default run only)")
   parser.add_argument("--no-progress", action="store_true",
                       help="no tqdm bars")
   args = parser.parse_args(argv)
@@ -417,8 +472,25 @@ def main(argv=None) -> None:
         f"test images, {args.epochs} epochs of batch {args.batch_size}, "
         f"seeds {args.seed}..{args.seed + args.seeds - 1}, "
         f"{jax.devices()[0].platform.upper()}")
-  report = table(rows)
+  meta = {"script": "python examples/digits.py", "epochs": args.epochs,
+          "batch_size": args.batch_size, "seeds": args.seeds,
+          "first_seed": args.seed, "train_images": len(data[0]),
+          "test_images": len(data[2]),
+          "platform": jax.devices()[0].platform, "cpus": os.cpu_count(),
+          "jax": jax.__version__, "adahessian_optax": aho.__version__}
+  summary = summarize(rows, meta)
+  report = results_table(summary)
   print(report)
+  default_run = (not args.smoke and len(rows) == len(SPECS)
+                 and (args.epochs, args.seeds, args.batch_size, args.seed,
+                      args.larger) == (EPOCHS, 3, 64, 0, LARGER))
+  results = args.results or (RESULTS if default_run else None)
+  if results:
+    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+    with open(results, "w") as f:
+      json.dump(summary, f, indent=1)
+      f.write("\n")
+    print(f"wrote {os.path.relpath(results)}")
 
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "digits_results.md"), "w") as f:
@@ -427,7 +499,7 @@ def main(argv=None) -> None:
     json.dump(rows, f)
   png = os.path.join(args.out, "digits_loss.png")
   plot(rows, png, len(data[0]) // args.batch_size)
-  if not args.smoke and len(rows) == len(SPECS):
+  if default_run:
     os.makedirs(os.path.dirname(DOCS_PLOT), exist_ok=True)
     shutil.copyfile(png, DOCS_PLOT)
   print(f"wrote {png} ({time.perf_counter() - start:.0f} s in all)")

@@ -1,6 +1,7 @@
 """The curvature core: Hessian-vector products and the sub-batch closure."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -229,6 +230,43 @@ def test_chunks_bound_the_memory_of_a_refresh_step():
   activations = 2048 * 256 * 4  # one f32 activation of the batch
   assert one > 3 * activations
   assert four < 0.5 * one
+
+
+def test_chunks_are_strided_and_stay_on_their_devices():
+  # Piece i holds the head's examples i, c + i, 2c + i, ...: with the batch
+  # split over the devices on its leading axis, every piece keeps rows on
+  # every device, so no collective moves the batch (contiguous pieces sat
+  # on a few devices and were moved: collective-permutes of the examples).
+  params, x, loss = _chunk_problem(False)
+  value_fn = aho.sub_batch_value_fn(loss, x, chunks=2)
+  weight, pieces = value_fn.head_chunks()
+  assert weight == 0.5
+  np.testing.assert_array_equal(pieces[0], x[0::2])
+  np.testing.assert_array_equal(pieces[1], x[1::2])
+  n = jax.device_count()
+  if n < 2:
+    pytest.skip("needs a mesh of several devices")
+  mesh = jax.make_mesh((n,), ("d",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  rows = 2 * 2 * n  # two chunks, two examples of each per device
+  xs = jax.device_put(jax.random.normal(jax.random.key(1), (rows, 4)),
+                      jax.sharding.NamedSharding(mesh,
+                                                 jax.sharding.PartitionSpec("d")))
+
+  def estimate(p, x):
+    return aho.hutchinson_diagonal(aho.sub_batch_value_fn(loss, x, chunks=2),
+                                   p, 1).diagonal
+
+  text = jax.jit(estimate).lower(params, xs).compile().as_text()
+  # The params are replicated: their gradients are all-reduced, and nothing
+  # else crosses devices.
+  moved = re.findall(r"(?:all-gather|all-to-all|collective-permute)[-a-z]*\(",
+                     text)
+  assert not moved, moved
+  whole = estimate(params, jax.device_get(xs))
+  for u, v in zip(jax.tree.leaves(jax.jit(estimate)(params, xs)),
+                  jax.tree.leaves(whole)):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
 
 
 def test_chunks_must_divide_the_sub_batch():

@@ -318,6 +318,37 @@ def test_state_is_found_serialised_and_configured_once():
     aho.value_grad_and_hessian(jnp.sum, params, (state, state))
 
 
+def test_large_cotangents_are_pulled_back_one_call_each():
+  # A language model's logits over a large vocabulary: stacking the true
+  # and the sampled cotangents for one batched vjp copies them and doubles
+  # the backward's temporaries, so beyond 64 MiB each they go one vjp call
+  # each; below it, rank 3 and more stay batched. Both give the same sums.
+  w = jnp.linspace(0.5, 1.5, 8, dtype=jnp.float32)
+  f = lambda w, x: jnp.tanh(x * w)
+
+  def pulled(batched, shape, batch_bytes=1 << 26):
+    def run(x, c1, c2):
+      _, vjp = jax.vjp(lambda leaves: f(leaves[0], x), [w])
+      return _gnb._pull_back(vjp, [c1, c2], batched, batch_bytes)  # pylint: disable=protected-access
+    return run, [jax.ShapeDtypeStruct(shape, jnp.float32)] * 3
+
+  def stacks(*args):
+    run, shapes = pulled(*args)
+    return " stack[" in str(jax.make_jaxpr(run)(*shapes))
+
+  small, large = (2, 4, 8), (1024, 8192, 8)  # 256 bytes, 256 MiB
+  assert stacks(None, small)
+  assert not stacks(None, large)
+  assert not stacks(None, (4, 8))           # rank 2: one call each
+  assert stacks(True, large)                # an explicit choice holds
+  keys = jax.random.split(jax.random.key(0), 3)
+  x, c1, c2 = (jax.random.normal(k, small) for k in keys)
+  run_b, _ = pulled(None, small)
+  run_s, _ = pulled(None, small, 0)         # everything "large"
+  for a, b in zip(run_b(x, c1, c2), run_s(x, c1, c2)):
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+
+
 def test_errors_name_the_problem():
   params, x, labels, _ = _data()
   loss = aho.ggn(lambda p: _mlp(p, x), aho.SoftmaxCrossEntropy(labels))

@@ -191,7 +191,7 @@ def test_estimator_inside_sophias_cond_has_fast_convolutions(monkeypatch):
   assert len(convs) >= 3 and all(
       n == _xla_cpu._canonical_numbers(4)  # pylint: disable=protected-access
       for n in convs)
-  monkeypatch.setattr(_xla_cpu, "call", lambda fn, *args: fn(*args))
+  monkeypatch.setattr(_xla_cpu, "call", lambda fn, *args, **kw: fn(*args))
   convs, want = run()
   assert any(n != _xla_cpu._canonical_numbers(4) for n in convs)  # pylint: disable=protected-access
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -349,3 +349,22 @@ def test_params_sharded_over_a_2d_mesh_give_the_exact_eigenvalues(jit):
   fn = lambda p: aho.hessian_eigenvalues(loss, p, 0, k=3).values
   got = (jax.jit(fn) if jit else fn)(params)
   np.testing.assert_allclose(got, exact[::-1][:3], rtol=1e-4, atol=1e-6)
+
+
+def test_wrt_as_a_plain_dict_selects_a_block_of_an_nnx_state():
+  # An nnx.State is its own pytree node: a plain dict prefix is matched key
+  # by key instead of by container type.
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+  loss = lambda p: jnp.mean(jnp.tanh(nnx.merge(graphdef, p)(x)) ** 2)
+  flat, unravel = ravel_pytree(params)
+  hess = np.asarray(jax.hessian(lambda f: loss(unravel(f)))(flat), np.float64)
+  # ravel_pytree orders the leaves as jax.tree.leaves: bias (2), kernel (6).
+  got = aho.hessian_eigenvalues(loss, params, 0, k=2,
+                                wrt={"bias": False, "kernel": True}).values
+  np.testing.assert_allclose(got, np.linalg.eigvalsh(hess[2:, 2:])[::-1][:2],
+                             rtol=1e-4)
+  with pytest.raises(ValueError, match="pytree prefix of params"):
+    aho.hessian_eigenvalues(loss, params, 0, wrt={"kernel": True})

@@ -443,6 +443,160 @@ def test_apply_if_finite_with_bad_curvature_mid_run():
   assert np.all(np.isfinite(params)) and np.any(params != 0)
 
 
+# ---------------------------------------- non-finite params and gradients
+#
+# optax.adam's contract, which AdaHessian keeps: a non-finite gradient makes
+# a non-finite update (and, through the moments, every later one), so a bad
+# run shows as NaN params and a NaN loss, and optax.apply_if_finite can skip
+# such steps. A non-finite *curvature estimate* with a finite gradient is
+# different: it is discarded and counted (nonfinite_hessian_count), since
+# storing it would poison nu for good.
+
+
+def _tanh_net():
+  """A 3-4-1 tanh network on 8 examples: a NaN anywhere in its params makes
+  the loss and every gradient NaN."""
+  x = jax.random.normal(jax.random.key(0), (8, 3))
+  y = jnp.sin(x[:, 0])
+  params = {"w1": jax.random.normal(jax.random.key(1), (3, 4)) / 2,
+            "w2": jax.random.normal(jax.random.key(2), (4,)) / 2}
+  loss = lambda p: jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+  return params, loss
+
+
+_OPTIMIZERS = {
+    "optax.adam": (lambda: optax.adam(0.01), False),
+    "aho.adahessian": (lambda: aho.adahessian(0.01, key=0), True),
+    "aho.adahessian, update_interval=3": (
+        lambda: aho.adahessian(0.01, key=0, update_interval=3), True),
+}
+
+
+def _steps(make, needs_loss, loss, params, n, state=None):
+  tx = make()
+  state = tx.init(params) if state is None else state
+  step = jax.jit(lambda p, s: tx.update(
+      jax.grad(loss)(p), s, p, **({"value_fn": loss} if needs_loss else {})))
+  out = []
+  for _ in range(n):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return params, state, out
+
+
+# optax.adam's bias correction is not clean under strict dtype promotion.
+_NAMES = [pytest.param(n, marks=pytest.mark.standard_promotion)
+          if n.startswith("optax") else n for n in _OPTIMIZERS]
+
+
+def _all_nan(tree) -> bool:
+  return all(bool(np.all(np.isnan(x))) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_nan_in_params_from_the_first_step_is_nan_updates(name):
+  # Before 0.6 AdaHessian's updates were 0.0 here (no finite curvature was
+  # ever accepted, and the update before the first refresh is zero): a
+  # silent stall. Now they are NaN, as Adam's are.
+  make, needs_loss = _OPTIMIZERS[name]
+  params, loss = _tanh_net()
+  params["w1"] = params["w1"].at[0, 0].set(jnp.nan)
+  assert np.isnan(loss(params))
+  _, state, updates = _steps(make, needs_loss, loss, params, 3)
+  assert all(_all_nan(u) for u in updates)
+  if needs_loss:
+    # Each estimate was NaN, discarded and counted; nu holds no NaN.
+    refreshes = 1 if "interval" in name else 3
+    assert int(state[0].nonfinite_hessian_count) == refreshes
+    assert int(state[0].hessian_count) == 0
+    jax.tree.map(lambda v: np.testing.assert_array_equal(v, 0), state[0].nu)
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_nan_in_params_mid_run_makes_every_param_nan(name):
+  make, needs_loss = _OPTIMIZERS[name]
+  params, loss = _tanh_net()
+  params, state, _ = _steps(make, needs_loss, loss, params, 3)
+  assert np.isfinite(loss(params))
+  nu_before = state[0].nu if needs_loss else None
+  params["w2"] = params["w2"].at[1].set(jnp.nan)
+  params, state, _ = _steps(make, needs_loss, loss, params, 1, state)
+  assert _all_nan(params)
+  if needs_loss and "interval" not in name:
+    assert int(state[0].nonfinite_hessian_count) == 1
+    assert int(state[0].hessian_count) == 3
+    jax.tree.map(np.testing.assert_array_equal, state[0].nu, nu_before)
+
+
+@pytest.mark.parametrize("refresh_first", [True, False])
+def test_nan_gradient_with_finite_params_is_a_nan_update(refresh_first):
+  # A bad batch: finite params, a NaN gradient. Its update is NaN, on the
+  # first step too, whether or not that step's curvature estimate is finite.
+  params, loss = _tanh_net()
+  tx = aho.adahessian(0.01, key=0, update_interval=None)
+  grads = jax.tree.map(lambda g: g.at[0].set(jnp.nan), jax.grad(loss)(params))
+  updates, state = tx.update(grads, tx.init(params), params, value_fn=loss,
+                             hessian_refresh=refresh_first)
+  assert int(state[0].hessian_count) == int(refresh_first)
+  for u in jax.tree.leaves(updates):
+    assert np.isnan(np.asarray(u).ravel()[0])
+  # With the optax guard the step is skipped instead: nothing moves.
+  guarded = optax.apply_if_finite(tx, 3)
+  updates, state = guarded.update(grads, guarded.init(params), params,
+                                  value_fn=loss, hessian_refresh=refresh_first)
+  jax.tree.map(lambda u: np.testing.assert_array_equal(u, 0), updates)
+  assert int(state.notfinite_count) == 1
+  assert int(state.inner_state[0].count) == 0
+
+
+def test_finite_gradient_nonfinite_curvature_before_any_refresh_is_zero():
+  # The one case with a zero update: the gradient is finite but no finite
+  # curvature was ever accepted; the estimate is counted, and the first
+  # finite one starts the steps.
+  x = jnp.array([1.0, 2.0])
+  tx = aho.adahessian(0.1, key=0)
+  state = tx.init(x)
+  huge = lambda p: 1e20 * jnp.sum(p ** 2)  # D^2 overflows float32
+  updates, state = tx.update(jax.grad(huge)(x), state, x, value_fn=huge)
+  np.testing.assert_array_equal(updates, 0)
+  assert int(state[0].nonfinite_hessian_count) == 1
+  fine = lambda p: jnp.sum(p ** 2)
+  updates, state = tx.update(jax.grad(fine)(x), state, x, value_fn=fine)
+  assert int(state[0].hessian_count) == 1
+  assert np.all(updates != 0) and np.all(np.isfinite(updates))
+
+
+# --------------------------------------------------- the loss given by position
+
+
+def test_loss_passed_by_position_is_a_clear_type_error():
+  params, loss = _tanh_net()
+  tx = aho.adahessian(0.01, key=0)
+  with pytest.raises(TypeError, match=r"as a keyword argument: tx\.update\("
+                     r"grads, state, params, value_fn=loss_of_params\)"):
+    tx.update(jax.grad(loss)(params), tx.init(params), params, loss)
+
+
+def test_alias_keeps_the_chain_state_and_numbers():
+  # The wrapper that catches the positional loss changes neither the state
+  # (checkpoints of earlier versions load) nor a single number.
+  params, loss = _tanh_net()
+  tx = aho.adahessian(0.01, weight_decay=1e-3, key=0, clip_threshold=0.5)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  chain = optax.chain(
+      aho.scale_by_adahessian(key=0), optax.clip(0.5),
+      optax.add_decayed_weights(1e-3), optax.scale_by_learning_rate(0.01))
+  s1, s2 = tx.init(params), chain.init(params)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  for _ in range(3):
+    g = jax.grad(loss)(params)
+    u1, s1 = tx.update(g, s1, params, value_fn=loss)
+    u2, s2 = chain.update(g, s2, params, value_fn=loss)
+    jax.tree.map(np.testing.assert_array_equal, u1, u2)
+    params = optax.apply_updates(params, u1)
+
+
 # ------------------------------------------------------- property-based tests
 
 _DTYPES = ["float32", "bfloat16", "float16", "int32"]

@@ -13,3 +13,19 @@ from adahessian_optax.algorithms._spectrum import SpectralDensity
 from adahessian_optax.algorithms._trace import hessian_trace
 from adahessian_optax.algorithms._trace import HessianTrace
 from adahessian_optax.algorithms._trace import trace
+
+__all__ = (
+    "eigenpairs",
+    "Eigenpairs",
+    "hessian_eigenvalues",
+    "LanczosInfo",
+    "layer_summary",
+    "LayerSummary",
+    "per_layer",
+    "hessian_spectrum",
+    "spectral_density",
+    "SpectralDensity",
+    "hessian_trace",
+    "HessianTrace",
+    "trace",
+)

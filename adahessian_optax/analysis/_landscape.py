@@ -33,8 +33,8 @@ _EIGENVECTOR_HINT = (
 # Filter-normalized random directions.
 
 
-def _filter_axes(filter_axes: Any, params: Any, split: _tree.FloatLeaves,
-                 owner: str) -> tuple:
+def _filter_axes(filter_axes: Any, params: Any,
+                 split: _tree.FloatLeaves) -> tuple:
   """The rule of each float leaf: None, "zero" or an axis in [0, ndim)."""
   if callable(filter_axes):
     filter_axes = filter_axes(params)
@@ -44,7 +44,7 @@ def _filter_axes(filter_axes: Any, params: Any, split: _tree.FloatLeaves,
     rules = split.treedef.flatten_up_to(full)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        f"{owner}: filter_axes must be a pytree prefix of params (or a "
+        "filter_axes must be a pytree prefix of params (or a "
         "function of params returning one) whose leaves are an int axis, "
         f"None or \"zero\": {e}") from None
   paths = [_tree.path_str(p) for p, _ in
@@ -58,12 +58,12 @@ def _filter_axes(filter_axes: Any, params: Any, split: _tree.FloatLeaves,
     elif isinstance(rule, numbers.Integral) and not isinstance(rule, bool):
       if not -ndim <= rule < ndim:
         raise ValueError(
-            f"{owner}: filter axis {rule} at {paths[i]} is out of range for "
+            f"filter axis {rule} at {paths[i]} is out of range for "
             f"a leaf of shape {jnp.shape(leaves[i])}")
       out.append(int(rule) % ndim)
     else:
       raise TypeError(
-          f"{owner}: filter_axes at {paths[i]} must be an int axis, None or "
+          f"filter_axes at {paths[i]} must be an int axis, None or "
           f"\"zero\", got {rule!r}")
   return tuple(out)
 
@@ -156,11 +156,10 @@ def filter_normalized_direction(key: Any, params: Any, *,
     Li, Xu, Taylor, Studer and Goldstein, `Visualizing the Loss Landscape of
     Neural Nets <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018.
   """
-  owner = "filter_normalized_direction"
-  key = _probes.key_data(key, owner)
-  _checks.check_params(owner, params)
+  key = _probes.key_data(key, "filter_normalized_direction")
+  _checks.check_params("filter_normalized_direction", params)
   split = _tree.FloatLeaves.of(params)
-  rules = _filter_axes(filter_axes, params, split, owner)
+  rules = _filter_axes(filter_axes, params, split)
   zeros = jax.tree.map(jnp.zeros_like, params)
   if not split.index:
     return zeros
@@ -172,35 +171,35 @@ def filter_normalized_direction(key: Any, params: Any, *,
 # The loss on a grid.
 
 
-def _axis(values: Any, name: str, owner: str) -> jax.Array:
+def _axis(values: Any, name: str) -> jax.Array:
   """A grid axis: a non-empty 1-D array of finite real coordinates."""
   x = values if isinstance(values, jax.Array) else jnp.asarray(values)
   if x.ndim != 1 or x.size == 0:
     raise ValueError(
-        f"{owner}: {name} must be a non-empty 1-D array of coordinates, got "
+        f"{name} must be a non-empty 1-D array of coordinates, got "
         f"shape {x.shape}")
   if x.dtype == bool or not (jnp.issubdtype(x.dtype, jnp.floating)
                              or jnp.issubdtype(x.dtype, jnp.integer)):
     raise TypeError(
-        f"{owner}: {name} must hold real numbers, got dtype {x.dtype}")
+        f"{name} must hold real numbers, got dtype {x.dtype}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
   if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(x)):
-    raise ValueError(f"{owner}: {name} has a non-finite coordinate")
+    raise ValueError(f"{name} has a non-finite coordinate")
   return x
 
 
-def _coordinates(grid: Any, n: int, owner: str) -> tuple[tuple, tuple]:
+def _coordinates(grid: Any, n: int) -> tuple[tuple, tuple]:
   """`(coordinates of each point, one array per direction), grid shape)`."""
   if n == 1:
-    alphas = _axis(grid, "grid", owner)
+    alphas = _axis(grid, "grid")
     return (alphas,), alphas.shape
   if not isinstance(grid, (tuple, list)) or len(grid) != 2:
     raise ValueError(
-        f"{owner}: with two directions, grid must be a pair (alphas, betas) "
+        "with two directions, grid must be a pair (alphas, betas) "
         f"of 1-D arrays, got {type(grid).__name__}")
-  alphas = _axis(grid[0], "grid[0]", owner)
-  betas = _axis(grid[1], "grid[1]", owner)
+  alphas = _axis(grid[0], "grid[0]")
+  betas = _axis(grid[1], "grid[1]")
   shape = alphas.shape + betas.shape
   return (jnp.broadcast_to(alphas[:, None], shape).reshape(-1),
           jnp.broadcast_to(betas[None, :], shape).reshape(-1)), shape
@@ -235,19 +234,19 @@ def _losses(kind, params, directions, coordinates, batch, *, split,
   return losses, square_norms, finite
 
 
-def _check_result(square_norms, finite, owner):
+def _check_result(square_norms, finite):
   """Outside jit, non-finite or zero inputs are errors (traced: NaN)."""
   if _programs.is_traced((square_norms, finite)):
     return
   for i, s in enumerate(np.asarray(square_norms)):
     if not np.isfinite(s):
-      raise ValueError(f"{owner}: directions[{i}] has a non-finite entry")
+      raise ValueError(f"directions[{i}] has a non-finite entry")
     if s == 0:
       raise ValueError(
-          f"{owner}: directions[{i}] is zero at every floating-point leaf "
+          f"directions[{i}] is zero at every floating-point leaf "
           "of params, so the loss along it is constant")
   if not bool(finite):
-    raise ValueError(f"{owner}: params has a non-finite entry")
+    raise ValueError("params has a non-finite entry")
 
 
 def loss_landscape(value_fn: Any, params: Any, directions: Sequence[Any],
@@ -331,11 +330,10 @@ def loss_landscape(value_fn: Any, params: Any, directions: Sequence[Any],
     the Lens of the Hessian <https://arxiv.org/abs/1912.07145>`_, IEEE Big
     Data 2020.
   """
-  owner = "loss_landscape"
-  _checks.check_params(owner, params)
+  _checks.check_params("loss_landscape", params)
   if not callable(value_fn):
     raise TypeError(
-        f"{owner}: value_fn must be a callable params -> scalar loss or a "
+        "value_fn must be a callable params -> scalar loss or a "
         f"DatasetLoss, got {type(value_fn).__name__}")
   if batch_size is not None:
     _checks.check_positive_int("batch_size", batch_size, allow_traced=False)
@@ -343,20 +341,20 @@ def loss_landscape(value_fn: Any, params: Any, directions: Sequence[Any],
   split = _tree.FloatLeaves.of(params)
   if not split.index:
     raise ValueError(
-        f"{owner}: params has no floating-point leaf, so nothing can move")
+        "params has no floating-point leaf, so nothing can move")
   if not isinstance(directions, (list, tuple)):
     raise TypeError(
-        f"{owner}: directions must be a list of one or two pytrees like "
+        "directions must be a list of one or two pytrees like "
         f"params, got {type(directions).__name__}{_EIGENVECTOR_HINT}")
   if len(directions) not in (1, 2):
     raise ValueError(
-        f"{owner}: directions must hold one or two pytrees like params (a "
+        "directions must hold one or two pytrees like params (a "
         f"line or a plane), got {len(directions)}")
   for i, d in enumerate(directions):
     _tree.check_same_structure(params, d, f"directions[{i}]",
                                _EIGENVECTOR_HINT)
   directions = [split.select(d) for d in directions]
-  coordinates, shape = _coordinates(grid, len(directions), owner)
+  coordinates, shape = _coordinates(grid, len(directions))
 
   def add(total, kind, batch, n):
     args = (kind, _pytree.Box(params), directions, coordinates, batch)
@@ -370,5 +368,5 @@ def loss_landscape(value_fn: Any, params: Any, directions: Sequence[Any],
   source = _curvature.as_curvature(value_fn)
   (losses, square_norms, finite), count = source.accumulate(add, None)
   losses = losses / count
-  _check_result(square_norms, finite, owner)
+  _check_result(square_norms, finite)
   return losses.reshape(shape)

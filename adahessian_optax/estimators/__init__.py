@@ -9,3 +9,15 @@ from adahessian_optax.estimators._gnb import gnb_diagonal
 from adahessian_optax.estimators._gnb import gnb_estimator
 from adahessian_optax.estimators._hutchinson import hutchinson_diagonal
 from adahessian_optax.estimators._hutchinson import hutchinson_estimator
+
+__all__ = (
+    "Estimate",
+    "Estimator",
+    "EstimatorState",
+    "HessianEstimate",
+    "value_grad_and_hessian",
+    "gnb_diagonal",
+    "gnb_estimator",
+    "hutchinson_diagonal",
+    "hutchinson_estimator",
+)

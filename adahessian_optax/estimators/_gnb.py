@@ -342,6 +342,19 @@ def gnb_estimator(
   update costs one forward and one backward pass; in AdaHessian's fused step
   (:func:`value_grad_and_hessian`) the forward is shared with the gradient.
 
+  **The learning rate.** The GNB estimate of the GGN diagonal is far
+  smaller than Hutchinson's ``|z * Hz|`` (tens of times early in training,
+  orders of magnitude later, as the model grows confident), so AdaHessian
+  takes far larger steps with it at the same rate. At the rates tuned for
+  Hutchinson's estimate it trains nothing, and silently: on a 10-class
+  problem the loss stays near ln 10 and nothing is NaN. Divide
+  Hutchinson's tuned rate by about 30 (the tuned rate was 1/32 of it on
+  both tasks of ``docs/study.md``) and tune around it, or keep the rate
+  and pass ``clip_threshold=0.1`` to :func:`adahessian` (with it, both
+  tasks trained at Hutchinson's tuned rate). Watch the training loss of the
+  first epoch: a loss that does not leave its first value means the rate
+  is too large. Measured by ``python -m benchmarks.study.gnb_rate``.
+
   Args:
     key: an int seed or a JAX PRNG key (required).
     n_samples: independent label draws per estimate.

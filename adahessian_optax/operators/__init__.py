@@ -16,3 +16,22 @@ from adahessian_optax.operators._ggn import SoftmaxCrossEntropy
 from adahessian_optax.operators._ggn import SquaredError
 from adahessian_optax.operators._sub_batch import sub_batch_value_fn
 from adahessian_optax.operators._sub_batch import SubBatchValueFn
+
+__all__ = (
+    "linear_operator",
+    "LinearOperator",
+    "Curvature",
+    "curvature_operator",
+    "Hessian",
+    "DatasetLoss",
+    "finite_difference",
+    "FiniteDifference",
+    "empirical_fisher",
+    "EmpiricalFisher",
+    "ggn",
+    "GGN",
+    "SoftmaxCrossEntropy",
+    "SquaredError",
+    "sub_batch_value_fn",
+    "SubBatchValueFn",
+)

@@ -309,9 +309,11 @@ def selection(space: Space, wrt: Any,
                         skeleton)
     flags = space.treedef.flatten_up_to(full)
   except (ValueError, TypeError) as e:
-    raise ValueError(
-        "wrt must be a pytree prefix of params (or a function of params "
-        f"returning one) with bool leaves: {e}") from None
+    flags = _flags_by_path(wrt, skeleton)
+    if flags is None:
+      raise ValueError(
+          "wrt must be a pytree prefix of params (or a function of params "
+          f"returning one) with bool leaves: {e}") from None
   index, masks = [], []
   for position, i in enumerate(space.index):
     flag = flags[i]
@@ -338,6 +340,28 @@ def selection(space: Space, wrt: Any,
   if not index:
     raise ValueError("wrt selects no floating-point entry")
   return tuple(index), tuple(masks)
+
+
+def _names(path: tuple) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+               for k in path)
+
+
+def _flags_by_path(wrt: Any, skeleton: Any) -> Optional[list]:
+  """The flag of each leaf of `skeleton` from the longest path of `wrt`
+  that leads to it, key by key whatever the containers (a plain dict for an
+  ``nnx.State``, say); None when some leaf has none."""
+  table = {_names(path): flag for path, flag in
+           jax.tree_util.tree_leaves_with_path(wrt)}
+  flags = []
+  for path, _ in jax.tree_util.tree_leaves_with_path(skeleton):
+    names = _names(path)
+    found = next((names[:n] for n in range(len(names), -1, -1)
+                  if names[:n] in table), None)
+    if found is None:
+      return None
+    flags.append(table[found])
+  return flags
 
 
 def inverse_sqrt(preconditioner: Any, space: Space) -> list:

@@ -13,3 +13,19 @@ from adahessian_optax.optimizer._spatial import ConvWindowMean
 from adahessian_optax.optimizer._spatial import mean_over_axes
 from adahessian_optax.optimizer._spatial import MeanOverAxes
 from adahessian_optax.optimizer._spatial import SpatialRule
+
+__all__ = (
+    "adahessian",
+    "scale_by_adahessian",
+    "ScaleByAdaHessianState",
+    "masked_value_fn",
+    "unmask_params",
+    "spatial_rules",
+    "block_mean",
+    "BlockMean",
+    "conv_window_mean",
+    "ConvWindowMean",
+    "mean_over_axes",
+    "MeanOverAxes",
+    "SpatialRule",
+)

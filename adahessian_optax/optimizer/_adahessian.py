@@ -345,10 +345,15 @@ def scale_by_adahessian(
     key: an int seed or JAX PRNG key for the probes: short for
       ``estimator=aho.hutchinson_estimator(key, ...)``. The same key gives
       the same run.
-    estimator: the Hutchinson estimator, :func:`hutchinson_estimator`, which
-      holds the key, ``n_samples``, ``distribution`` and ``axis_name``, or
-      the Gauss-Newton-Bartlett estimator of the GGN diagonal,
-      :func:`gnb_estimator` (then ``value_fn`` is an :func:`ggn` loss). Give
+    estimator: the curvature-diagonal estimator: Hutchinson's,
+      :func:`hutchinson_estimator`, which holds the key, ``n_samples``,
+      ``distribution`` and ``axis_name``; the Gauss-Newton-Bartlett
+      estimator of the GGN diagonal, :func:`gnb_estimator` (then
+      ``value_fn`` is an :func:`ggn` loss); or any
+      :class:`optax.GradientTransformationExtraArgs` whose
+      ``update(updates, state, params, *, value_fn)`` returns the estimate
+      (the contract of :func:`optax.contrib.sophia`'s
+      ``hessian_diagonal_fn``; the fused step needs this library's). Give
       either this or ``key`` (and those three).
     spatial_averaging: ``None`` (off), a :class:`SpatialRule`, a pytree prefix
       of params with a rule or ``None`` at each node, or a function

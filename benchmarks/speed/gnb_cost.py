@@ -183,6 +183,58 @@ def tables(results, clock_name):
   return text
 
 
+# ---------------------------------------------------------------------------
+# The docs' tables, each a function of the results file (``--json``,
+# docs/results/gnb_cost.json).
+
+_MODELS = {"mlp": "MLP, 0.93M parameters, batch 128",
+           "cnn": "CNN, batch 32 of 32×32×3",
+           "transformer": "Transformer, batch 16×64 tokens, vocabulary 512"}
+_COLUMNS = {"grad": "gradient", "hutchinson": "Hutchinson, fused",
+            "gnb": "GNB, fused", "gnb, batched": "GNB, batched",
+            "gnb, two vjps": "GNB, two `vjp` calls", "gnb plain": "GNB, plain"}
+
+
+def time_table(data) -> str:
+  """Each step's time over Adam's step (medians of within-round ratios)."""
+  results = data["results"]
+  return _report.table(
+      ["model"] + list(_COLUMNS.values()) + ["Adam's step"],
+      [[_MODELS.get(name, name)]
+       + [_report.fmt(res["x_adam"][n]["median"]) for n in _COLUMNS]
+       + [f"{res['ms']['adam']:.1f} ms"] for name, res in results.items()])
+
+
+def memory_table(data) -> str:
+  """Each compiled step's temporary plus argument bytes over Adam's."""
+  cols = ("hutchinson", "gnb", "gnb, batched", "gnb, two vjps")
+  return _report.table(
+      ["model"] + [_COLUMNS[c] for c in cols],
+      [[name] + [_report.fmt(res["memory_x_adam"][c]) for c in cols]
+       for name, res in data["results"].items()])
+
+
+def spread_table(data) -> str:
+  """The coefficient of variation of one estimate per coordinate."""
+  return _report.table(
+      ["spread of one estimate (small tanh MLP, 256 digits)", "median",
+       "90th percentile"],
+      [[k, _report.fmt(v["median"]), _report.fmt(v["p90"])]
+       for k, v in data["spread"].items()])
+
+
+def values(data) -> dict:
+  """Numbers quoted in the prose: ``<step>:<model>`` over Adam's."""
+  out = {f"{n}:{name}": _report.fmt(res["x_adam"][n]["median"])
+         for name, res in data["results"].items() for n in _COLUMNS}
+  gnb = [res["x_adam"]["gnb"]["median"] for res in data["results"].values()]
+  hut = [res["x_adam"]["hutchinson"]["median"]
+         for res in data["results"].values()]
+  out["gnb_range"] = f"{min(gnb):.1f}–{max(gnb):.1f}"
+  out["hutchinson_range"] = f"{min(hut):.1f}–{max(hut):.1f}"
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")

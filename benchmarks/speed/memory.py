@@ -84,6 +84,63 @@ def report(results):
   return text
 
 
+# ---------------------------------------------------------------------------
+# The docs' tables, each a function of the results file (``--json``,
+# docs/results/memory.json).
+
+
+def memory_table(data) -> str:
+  """Temporary plus argument bytes of each program, in brackets over the
+  Adam step's; the optimizer state's bytes over Adam's."""
+  results = data["results"]
+  names = list(next(iter(results.values()))["bytes"])
+  rows = []
+  for model, res in results.items():
+    extra = res["state_bytes"]["adahessian"] - res["state_bytes"]["adam"]
+    rows.append([model, f"{extra:+,} B"] + [
+        f"{res['bytes'][n] / 1e6:.1f} MB"
+        + ("" if n == "adam" else f" ({res['over_adam'][n]:.2f})")
+        for n in names])
+  return _report.table(["model", "state vs Adam's"]
+                       + [_LABELS.get(n, n) for n in names], rows)
+
+
+def heavy_ops_table(data) -> str:
+  """Matmuls and convolutions in each program's optimized HLO."""
+  results = data["results"]
+  names = list(next(iter(results.values()))["heavy_ops"])
+  return _report.table(
+      ["model"] + [_LABELS.get(n, n) for n in names],
+      [[model] + [str(res["heavy_ops"][n]) for n in names]
+       for model, res in results.items()])
+
+
+def refresh_table(data) -> str:
+  """A refresh step, a step without one, and `chunks`, over Adam's step."""
+  cols = {"fused": "refresh step", "no refresh": "step without a refresh",
+          "fused, chunks=2": "refresh, `chunks=2`",
+          "fused, chunks=4": "refresh, `chunks=4`"}
+  return _report.table(
+      ["model"] + list(cols.values()),
+      [[_MODELS.get(model, model)] + [
+          f"{res['over_adam'][n]:.2f}" if n in res["over_adam"] else "—"
+          for n in cols] for model, res in data["results"].items()])
+
+
+def values(data) -> dict:
+  """Ratios quoted in the prose, ``<program>:<model>`` over Adam's step."""
+  return {f"{n}:{model}": f"{r:.2f}"
+          for model, res in data["results"].items()
+          for n, r in res["over_adam"].items()}
+
+
+_LABELS = {"grad": "grad", "hvp": "HVP", "adam": "Adam step",
+           "fused": "fused refresh", "plain": "plain refresh"}
+_MODELS = {"mlp": "MLP, 0.93M parameters, batch 128",
+           "cnn": "CNN, batch 32 of 32×32×3",
+           "transformer": "Transformer, batch 16 × 64 tokens"}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")

@@ -265,6 +265,182 @@ def targets(results, p):
   return out
 
 
+# ---------------------------------------------------------------------------
+# The docs' tables, each a function of a results file (``--json``), as
+# written to docs/results/step_cost_<clock>.json.
+
+_NAMES = {"mlp": "MLP, 0.93M params", "cnn": "CNN",
+          "transformer": "Transformer"}
+
+
+def _clock(data) -> str:
+  return "1 core" if data["threads"] == 1 else "2 threads"
+
+
+def _ks(data) -> list:
+  return data["plan"]["ks"]
+
+
+def _med(cell) -> float:
+  return cell["median"]
+
+
+def readme_cost_table(data) -> str:
+  """The README's: the fused step's cost x Adam's and the floor F."""
+  fmt = _report.fmt
+  rows = [[_NAMES.get(name, name), fmt(_med(res["floor"]))]
+          + [fmt(_med(res["fused"][str(k)]["x_adam"])) for k in _ks(data)]
+          for name, res in data["results"].items()]
+  rows.append(["paper (ResNet32, GPU)", ""]
+              + [fmt(PAPER_COST[k]) if k in PAPER_COST else ""
+                 for k in _ks(data)])
+  return _report.table([f"cost per step x Adam ({_clock(data)})", "F"]
+                       + [f"k={k}" for k in _ks(data)], rows)
+
+
+def cost_table(data) -> str:
+  """Each step style's cost x Adam, in brackets over the floor's
+  1 + (F - 1)/k (✗ above 1.05)."""
+  fmt, mark, tol = _report.fmt, _report.mark, _report.TOLERANCE
+  rows = []
+  for name, res in data["results"].items():
+    for style in _steps.STYLES:
+      rows.append([name, style, fmt(_med(res["floor"]))] + [
+          f"{fmt(_med(res[style][str(k)]['x_adam']))} "
+          f"({mark(_med(res[style][str(k)]['over_floor']), tol)})"
+          for k in _ks(data)])
+  rows.append(["paper (ResNet32, GPU)", "", "—"]
+              + [fmt(PAPER_COST.get(k)) if k in PAPER_COST else "—"
+                 for k in _ks(data)])
+  return _report.table(["model", "step", "floor F"]
+                       + [f"k={k}" for k in _ks(data)], rows)
+
+
+def auto_table(data) -> str:
+  """The auto step's strategy and its cost over the plain step at k = 1."""
+  mark, tol = _report.mark, _report.TOLERANCE
+  return _report.table(
+      [f"model ({_clock(data)})"] + [f"k={k}" for k in _ks(data)],
+      [[name] + [f"{res['strategies'][str(k)]}: "
+                 f"{mark(_med(res['auto'][str(k)]['over_plain_k1']), tol)}"
+                 for k in _ks(data)]
+       for name, res in data["results"].items()])
+
+
+def fraction_table(data) -> str:
+  """A Hessian on a fraction f of the batch: cost x Adam, in brackets over
+  1 + (F - 1) f / k."""
+  fmt, mark, tol = _report.fmt, _report.mark, _report.TOLERANCE
+  rows, cols = [], None
+  for name, res in data["results"].items():
+    for f, cells in res["fractions"].items():
+      cols = list(cells)
+      rows.append([name, f"{float(f):g}"] + [
+          f"{fmt(_med(c['x_adam']))} ({mark(_med(c['over_floor']), tol)})"
+          for c in cells.values()])
+  return _report.table([f"model ({_clock(data)})", "f"]
+                       + [c.replace("_", " ").replace("k", "k=")
+                          for c in cols], rows)
+
+
+def samples_table(data) -> str:
+  """`n_samples` and `chunks=2`: step time over the fused step at k = 1."""
+  fmt = _report.fmt
+  samples = data["plan"]["samples"][1:]
+  return _report.table(
+      [f"model ({_clock(data)})"] + [f"s={s}" for s in samples]
+      + ["chunks=2"],
+      [[name] + [fmt(_med(res["samples"][str(s)])) for s in samples]
+       + [fmt(_med(res["chunks_2"]))]
+       for name, res in data["results"].items()])
+
+
+def ms_table(data) -> str:
+  """Milliseconds per step (medians)."""
+  cols = {"grad": "grad", "hvp": "HVP", "adam": "Adam step",
+          "fused_k1": "fused, k=1", "plain_k1": "plain, k=1",
+          "auto_k2": "auto, k=2"}
+  return _report.table(
+      [f"model ({_clock(data)})"] + list(cols.values()),
+      [[name] + [_report.fmt(res["ms"][c], 1) for c in cols]
+       for name, res in data["results"].items()])
+
+
+def targets_table(data) -> str:
+  """Each timing target of the docs, met or missed, with the range of the
+  measured ratios (1.05 is the tolerance)."""
+  tol = _report.TOLERANCE
+  res = data["results"]
+  def verdict(xs):
+    xs = list(xs)
+    ok = "**met**" if max(xs) <= tol else "**missed**"
+    return f"{ok}: {min(xs):.2f}–{max(xs):.2f}"
+  def per_model(fn):
+    return "; ".join(f"{name} {verdict(fn(r))}" for name, r in res.items())
+  ks = [str(k) for k in _ks(data)]
+  rows = [
+      ["fused step ≤ 1.05 (1+(F−1)/k) × Adam, k = 1…5",
+       per_model(lambda r: (_med(r["fused"][k]["over_floor"]) for k in ks))],
+      ["plain step, the same",
+       per_model(lambda r: (_med(r["plain"][k]["over_floor"]) for k in ks))],
+      ["auto step ≤ 1.05 × the plain step at k = 1",
+       per_model(lambda r: (_med(r["auto"][k]["over_plain_k1"])
+                            for k in ks))],
+      ["auto step ≤ 1.05 (1+(F−1)/k) where `lax.cond` skips the product",
+       per_model(lambda r: (_med(r["auto"][k]["over_floor"]) for k in ks
+                            if r["strategies"][k] == "cond"))],
+      ["Hessian on a sub-batch ≤ 1.05 (1+(F−1)f/k)",
+       per_model(lambda r: (_med(c["over_floor"])
+                            for cells in r["fractions"].values()
+                            for c in cells.values()))],
+  ]
+  s8 = data["plan"]["samples"][-1]
+  rows.append([f"`n_samples` sub-linear: s = {s8} under {s8}× the s = 1 step",
+               "; ".join(f"{name} {_med(r['samples'][str(s8)]):.2f}"
+                         for name, r in res.items())])
+  return _report.table([f"target ({_clock(data)})", "result"], rows)
+
+
+def values(data) -> dict:
+  """Ranges quoted in the prose: ``fused_over_floor`` (the fused step over
+  the floor, every model and k), ``auto_over_plain`` (the auto step's cost
+  over the plain k = 1 step, where it takes ``lax.cond``),
+  ``samples_<s>`` (the s-probe step over the one-probe step)."""
+  res = data["results"].values()
+  def span(xs, nd=2):
+    xs = list(xs)
+    return f"{min(xs):.{nd}f}–{max(xs):.{nd}f}"
+  out = {"fused_over_floor": span(
+      _med(r["fused"][str(k)]["over_floor"]) for r in res
+      for k in _ks(data))}
+  cond = [_med(r["auto"][str(k)]["over_plain_k1"]) for r in res
+          for k in _ks(data) if r["strategies"][str(k)] == "cond"]
+  if cond:
+    out["auto_over_plain"] = span(cond)
+  for s in data["plan"]["samples"][1:]:
+    out[f"samples_{s}"] = span((_med(r["samples"][str(s)]) for r in res), 1)
+  out["chunks_2"] = span(_med(r["chunks_2"]) for r in res)
+  out["fused_k1_range"] = span((_med(r["fused"]["1"]["x_adam"]) for r in res),
+                               1)
+  for name, r in data["results"].items():
+    out[f"plain_over_floor:{name}"] = span(
+        _med(r["plain"][str(k)]["over_floor"]) for k in _ks(data))
+    out[f"auto_over_floor:{name}"] = span(
+        _med(r["auto"][str(k)]["over_floor"]) for k in _ks(data))
+    out[f"fraction_over_floor:{name}"] = span(
+        _med(c["over_floor"]) for cells in r["fractions"].values()
+        for c in cells.values())
+  out["F_range"] = span((_med(r["floor"]) for r in res), 1)
+  for name, r in data["results"].items():
+    for k in _ks(data):
+      out[f"auto_over_plain_k{k}:{name}"] = (
+          f"{_med(r['auto'][str(k)]['over_plain_k1']):.2f}")
+    out[f"F:{name}"] = f"{_med(r['floor']):.2f}"
+    for k in _ks(data):
+      out[f"fused_k{k}:{name}"] = f"{_med(r['fused'][str(k)]['x_adam']):.2f}"
+  return out
+
+
 def main(args):
   clock = _timing.configure(args.threads)
   p = plan(args.quick, args.plan)

@@ -151,6 +151,54 @@ def main(argv=None):
   return results
 
 
+# ---------------------------------------------------------------------------
+# The docs' tables, each a function of a results file (``--json``,
+# docs/results/vs_torch_<clock>.json).
+
+
+def _clock(data) -> str:
+  return "1 core" if data["threads"] == 1 else "2 threads"
+
+
+def ratio_table(data) -> str:
+  """Our step against torch-optimizer's, and each library's AdaHessian step
+  over its own Adam step (medians of within-round ratios)."""
+  fmt = _report.fmt
+  return _report.table(
+      [f"model ({_clock(data)})", "ours / torch-optimizer",
+       "optax Adam / torch Adam", "ours / our Adam",
+       "torch-optimizer / torch Adam"],
+      [[name, f"**{fmt(res['ours_over_torch']['median'])}**",
+        fmt(res["adam_over_torch_adam"]["median"]),
+        fmt(res["ours_over_our_adam"]["median"]),
+        fmt(res["torch_over_torch_adam"]["median"])]
+       for name, res in data["results"].items()])
+
+
+def ms_table(data) -> str:
+  """Milliseconds per step (medians)."""
+  cols = {"adam": "optax Adam", "fused": "ours", "torch_adam": "torch Adam",
+          "torch_adahessian": "torch-optimizer"}
+  return _report.table(
+      [f"model ({_clock(data)})"] + list(cols.values()),
+      [[name] + [_report.fmt(res["ms"][c], 1) for c in cols]
+       for name, res in data["results"].items()])
+
+
+def values(data) -> dict:
+  """Ranges quoted in the prose."""
+  res = list(data["results"].values())
+  def span(key):
+    xs = [r[key]["median"] for r in res]
+    return f"{min(xs):.2f}–{max(xs):.2f}"
+  out = {"ours_over_torch": span("ours_over_torch"),
+         "ours_over_our_adam": span("ours_over_our_adam"),
+         "torch_over_torch_adam": span("torch_over_torch_adam")}
+  for name, r in data["results"].items():
+    out[f"ours_over_torch:{name}"] = f"{r['ours_over_torch']['median']:.2f}"
+  return out
+
+
 def plot(results, image_dir, tag):
   import numpy as np  # pylint: disable=import-outside-toplevel
   plt, save = _report.figure_saver(image_dir, tag)

@@ -580,6 +580,105 @@ def tables(runs: list) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The study's tables, each a function of the results file (docs/results/
+# failure.json: every run's `summary`).
+
+_EPS_OF = {"AdaHessian": EPS["adahessian"], "Adam": EPS["adam"]}
+
+
+def results(runs: list) -> dict:
+  """The results file's content: each run's summary and its key."""
+  return {"script": "python -m benchmarks.study.failure",
+          "machine": report_header(),
+          "runs": [dict(summary(r), task=r["task"], optimizer=r["optimizer"],
+                        multiplier=r["multiplier"], seed=r["seed"])
+                   for r in runs]}
+
+
+def report_header() -> str:
+  from benchmarks.common import timing  # pylint: disable=import-outside-toplevel
+  return timing.header()
+
+
+def _by_config(data: dict) -> dict:
+  """`{(task, optimizer): {multiplier: [summaries]}}` in file order."""
+  out = {}
+  for r in data["runs"]:
+    out.setdefault((r["task"], r["optimizer"]), {}).setdefault(
+        r["multiplier"], []).append(r)
+  return out
+
+
+def _num(x) -> float:
+  return math.nan if x in (None, "nan") else float(x)
+
+
+def doc_stability_table(data: dict) -> str:
+  """Per task and optimizer, at 1x / 3x / 5x / 10x: failed runs, the first
+  step with lambda_P above 38/eta (earliest seed), the largest
+  lambda_P eta / 38 before the blow-up, the smallest denominator, the
+  largest step and the largest per-layer RMS step (largest over seeds)."""
+  rows = []
+  for (task, opt), by_m in _by_config(data).items():
+    mults = sorted(by_m)
+    eps = _EPS_OF.get(opt, 1e-8)
+    def per(fn):
+      return " / ".join(fn(by_m[m]) for m in mults)
+    failed = [sum(bool(r["diverged"]) for r in by_m[m]) for m in mults]
+    n = len(by_m[mults[0]])
+    d_min = min(_num(r["d_min"]) for m in mults for r in by_m[m])
+    rows.append([
+        task, opt, " / ".join(f"{m:g}×" for m in mults),
+        "none" if not any(failed) else
+        " / ".join(str(f) for f in failed) + f" of {n}",
+        per(lambda rs: str(min(r["first_cross"] for r in rs
+                               if r["first_cross"] is not None))
+            if any(r["first_cross"] is not None for r in rs) else "never"),
+        per(lambda rs: _g(max(_num(r["max_ratio"]) for r in rs), 2)),
+        "ε" if d_min <= 1.01 * eps else f"{d_min:.2g} ({d_min / eps:.0f} ε)",
+        per(lambda rs: _g(max(_num(r["s_max"]) for r in rs), 2)),
+        per(lambda rs: _g(max(_num(r["leaf_rms"]) for r in rs), 2))])
+  return report.table(
+      ["task", "optimizer", "rate", "failed", "first λ_P > 38/η (step)",
+       "largest λ_P·η/38 before the blow-up", "smallest d", "largest step",
+       "largest layer RMS step"], rows)
+
+
+def doc_prediction_table(data: dict) -> str:
+  """lambda_P at the end of warmup at 1x, the largest rate 38/lambda_P it
+  predicts, against the largest multiple that held and the smallest that
+  failed."""
+  rows = []
+  for (task, opt), by_m in _by_config(data).items():
+    one = by_m.get(1)
+    if not one:
+      continue
+    ratio = _mean(_num(r["ratio_warmup"]) for r in one)
+    mults = sorted(by_m)
+    held = [m for m in mults if not any(r["diverged"] for r in by_m[m])]
+    failed = [m for m in mults if m not in held]
+    rows.append([task, opt, _g(_mean(_num(r["lam_warmup"]) for r in one)),
+                 _g(1 / ratio if ratio > 0 else math.nan, 2),
+                 f"{max(held):g}×" if held else "none",
+                 f"{min(failed):g}×" if failed else "none"])
+  return report.table(
+      ["task", "optimizer", "λ_P after warmup (1×)",
+       "predicted largest rate (× tuned)", "largest that held",
+       "smallest that failed"], rows)
+
+
+def values(data: dict) -> dict:
+  """Numbers quoted in the prose: the LM's largest layer RMS step at 10x,
+  AdaHessian's and Adam's (`leaf_rms_10x:<optimizer>`)."""
+  out = {}
+  for (task, opt), by_m in _by_config(data).items():
+    if task == "char LM" and 10 in by_m:
+      out[f"leaf_rms_10x:{opt}"] = _g(max(_num(r["leaf_rms"])
+                                          for r in by_m[10]), 2)
+  return out
+
+
+# ---------------------------------------------------------------------------
 # Running and caching.
 
 
@@ -635,6 +734,10 @@ def main(argv=None) -> str:
                            ", or failure-quick with --quick)")
   parser.add_argument("--tasks", nargs="*", default=None,
                       help="only tasks whose name contains one of these")
+  parser.add_argument("--results", default=None,
+                      help="the results file the study's tables are "
+                           "rendered from (default docs/results/"
+                           "failure.json for a full run of every task)")
   args = parser.parse_args(argv)
   out = args.out or os.path.join(
       "results", "study", "failure-quick" if args.quick else "failure")
@@ -644,6 +747,11 @@ def main(argv=None) -> str:
   print(text)
   with open(os.path.join(out, "tables.md"), "w") as f:
     f.write(text + "\n")
+  path = args.results or (None if args.quick or args.tasks else os.path.join(
+      os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+          __file__)))), "docs", "results", "failure.json"))
+  if path:
+    report.save_json(path, results(runs))
   print(f"\n{len(runs)} runs, {time.time() - start:.0f} s")
   return text
 
