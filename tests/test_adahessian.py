@@ -669,13 +669,13 @@ def test_any_transformation_whose_update_is_the_estimate_is_an_estimator():
     (3, None, False, "count % 3"),   # decided at run time
 ])
 def test_refresh_rule(interval, flag, hessian, want):
-  from adahessian_optax.optimizer import _adahessian  # pylint: disable=import-outside-toplevel
+  from adahessian_optax.optimizer import _refresh  # pylint: disable=import-outside-toplevel
   count = jnp.int32(6)
-  got = _adahessian.refresh_predicate(interval, count, flag,
+  got = _refresh.refresh_predicate(interval, count, flag,
                                       object() if hessian else None)
   if want == "count % 3":
     assert isinstance(got, jax.Array) and bool(got)
-    assert not bool(_adahessian.refresh_predicate(3, count + 1, None, None))
+    assert not bool(_refresh.refresh_predicate(3, count + 1, None, None))
   else:
     assert got is want
 
@@ -690,9 +690,9 @@ def test_refresh_rule(interval, flag, hessian, want):
 ])
 def test_contradictory_refresh_inputs_are_errors(interval, flag, hessian,
                                                  match):
-  from adahessian_optax.optimizer import _adahessian  # pylint: disable=import-outside-toplevel
+  from adahessian_optax.optimizer import _refresh  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=match):
-    _adahessian.refresh_predicate(interval, jnp.int32(0), flag,
+    _refresh.refresh_predicate(interval, jnp.int32(0), flag,
                                   object() if hessian else None)
 
 

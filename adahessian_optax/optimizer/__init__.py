@@ -1,6 +1,6 @@
 """The AdaHessian optimizer, its spatial averaging and its composition."""
 
-from adahessian_optax.optimizer._adahessian import adahessian
+from adahessian_optax.optimizer._alias import adahessian
 from adahessian_optax.optimizer._adahessian import scale_by_adahessian
 from adahessian_optax.optimizer._adahessian import ScaleByAdaHessianState
 from adahessian_optax.optimizer._compose import masked_value_fn
