@@ -64,17 +64,10 @@ class Space(NamedTuple):
     """`(shape, dtype)` of each leaf acted on."""
     return [self.avals[i] for i in self.index]
 
-  def select(self, tree: Any) -> list:
-    """The leaves of `tree` (structured like the params) acted on."""
-    leaves = self.treedef.flatten_up_to(tree)
-    return [leaves[i] for i in self.index]
-
-  def replace(self, tree: Any, values: list) -> Any:
-    """`tree` with the leaves acted on replaced by `values`."""
-    leaves = list(self.treedef.flatten_up_to(tree))
-    for i, v in zip(self.index, values):
-      leaves[i] = v
-    return self.treedef.unflatten(leaves)
+  # The leaves of a tree structured like the params that are acted on, and
+  # that tree with them replaced: FloatLeaves' own, on the same two fields.
+  select = _tree.FloatLeaves.select
+  replace = _tree.FloatLeaves.replace
 
   def embed(self, values: list, leading: tuple = ()) -> Any:
     """A pytree like the params: `values` at the leaves acted on, zeros of
