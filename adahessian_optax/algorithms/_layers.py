@@ -75,8 +75,8 @@ def per_layer(op: _base.LinearOperator, key: Any, *, n_samples: int = 100,
     >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
     >>> s = aho.per_layer(aho.curvature_operator(loss, params), key=0,
     ...                   n_samples=4)
-    >>> print(s.mean_trace["a"], s.mean_trace["b"], s.top_eigenvalue["b"])
-    2.0 2.0 4.0
+    >>> print(s.mean_trace["a"], s.mean_trace["b"], f"{s.top_eigenvalue['b']:.3f}")
+    2.0 2.0 4.000
 
   References:
     Dong et al., `HAWQ-V2: Hessian Aware trace-Weighted Quantization of
@@ -144,8 +144,8 @@ def layer_summary(value_fn: Any, params: Any, key: Any, *,
     >>> loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(jnp.arange(3.0) * p["b"] ** 2)
     >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
     >>> s = aho.layer_summary(loss, params, key=0, n_samples=4)
-    >>> print(s.mean_trace["a"], s.mean_trace["b"], s.top_eigenvalue["b"])
-    2.0 2.0 4.0
+    >>> print(s.mean_trace["a"], s.mean_trace["b"], f"{s.top_eigenvalue['b']:.3f}")
+    2.0 2.0 4.000
   """
   value_fn = _checks.check_value_fn(value_fn, None, "layer_summary")
   key = _common.key_of(key, "layer_summary")

@@ -434,8 +434,8 @@ def linear_operator(matvec: Callable[[Any], Any], like: Any, *,
     ...                          {"w": jnp.zeros(2)})
     >>> print(op.size, op.matvec({"w": jnp.ones(2)})["w"])
     2 [3. 3.]
-    >>> print(aho.eigenpairs(op, key=0, k=2).values)
-    [3. 1.]
+    >>> print(*(f"{v:.3f}" for v in aho.eigenpairs(op, key=0, k=2).values))
+    3.000 1.000
   """
   if not callable(matvec):
     raise TypeError(
