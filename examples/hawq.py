@@ -155,11 +155,15 @@ def sensitivities(graphdef, params, rest, data, args):
                             size_fn=lambda batch: len(batch[2]))
   wrt = lambda p: jax.tree_util.tree_map_with_path(
       lambda path, _: _is_kernel(path), p)
+  start = time.perf_counter()
   summary = aho.layer_summary(dataset, params, key=args.seed,
                               n_samples=args.n_samples, n_steps=args.n_steps,
                               wrt=wrt)
+  summary = jax.block_until_ready(summary)
+  seconds = time.perf_counter() - start  # compilation included
   pick = lambda tree: {k: float(v) for k, v in kernels(tree).items()}
-  return {"size": {k: int(v) for k, v in kernels(summary.size).items()},
+  return {"hessian_s": seconds,
+          "size": {k: int(v) for k, v in kernels(summary.size).items()},
           "mean_trace": pick(summary.mean_trace),
           "mean_trace_stderr": pick(summary.mean_trace_stderr),
           "top_eigenvalue": pick(summary.top_eigenvalue)}
@@ -300,6 +304,159 @@ def _spearman(a, b) -> float:
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
+# The docs' tables and quoted values, each a function of a results file
+# (``--json``: docs/results/hawq_per_tensor.json, written by ``python
+# examples/hawq.py --json ...``, and hawq_per_channel.json, by the same with
+# ``--per-channel``).
+
+# The criteria of `study_seed`, as the docs' tables name them.
+_SHORT = {"HAWQ-V2 (average trace)": "HAWQ-V2",
+          "top eigenvalue instead": "top eigenvalue",
+          "reversed ranking": "reversed ranking",
+          "no Hessian (least ‖Q(W)−W‖²)": "no Hessian (least ‖Q(W)−W‖²)"}
+
+
+def _sci(x: float, digits_: int = 2) -> str:
+  """`x` to `digits_` significant digits, in e-notation below 1e-2."""
+  if x != 0 and abs(x) < 1e-2:
+    mantissa, exponent = f"{x:.{digits_ - 1}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+  if abs(x) >= 10 ** digits_:
+    return f"{float(f'{x:.{digits_}g}'):,.0f}"
+  return f"{x:.{digits_}g}"
+
+
+def _spread(values, scale=1.0, digits_=2) -> str:
+  """Mean ± standard deviation over seeds; the mean alone if they agree."""
+  values = [scale * v for v in values]
+  if len(values) > 1 and statistics.stdev(values) > 0:
+    return (f"{statistics.mean(values):.{digits_}f} "
+            f"± {statistics.stdev(values):.{digits_}f}")
+  return f"{statistics.mean(values):.{digits_}f}"
+
+
+def sensitivity_results(data) -> str:
+  """The first seed's per-layer curvature and quantization errors, layers
+  by decreasing average trace."""
+  s = data["seeds"][0]
+  scheme = "per channel" if data["settings"]["per_channel"] else "per tensor"
+  bits = data["bits"]
+  lines = ["| layer | weights | Tr(H)/n ± stderr | λmax(H_i) "
+           f"| ‖Q(W)−W‖² at {', '.join(map(str, bits))} bits ({scheme}) |",
+           "|---|---|---|---|---|"]
+  for k in sorted(data["layers"], key=lambda k: -s["mean_trace"][k]):
+    errors = ", ".join(_sci(s["errors"][k][str(b)]) for b in bits)
+    lines.append(
+        f"| {k} | {s['size'][k]:,} | {_sci(s['mean_trace'][k], 3)} "
+        f"± {_sci(s['mean_trace_stderr'][k])} "
+        f"| {_sci(s['top_eigenvalue'][k], 3)} | {errors} |")
+  return "\n".join(lines)
+
+
+def _criteria(seeds, budget: str) -> dict:
+  """`{name in the docs: [each seed's row]}` at one budget, uniform last."""
+  names = list(seeds[0]["budgets"][budget]["allocations"])
+  return {_SHORT.get(name, "uniform"): [
+      s["budgets"][budget]["allocations"][name] for s in seeds]
+          for name in names}
+
+
+def allocation_results(data) -> str:
+  """Mean ± std over seeds of each criterion's allocation at each budget
+  (largest first), against float32; the better test accuracy and loss of
+  HAWQ-V2 and uniform bits in bold."""
+  seeds = data["seeds"]
+  lines = ["| budget | criterion | bits " + "/".join(data["layers"])
+           + " | average bits | ½ Σ Ω | Δ train loss | test acc % "
+           "| test loss | rank by test loss |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  fp = [s["float32"] for s in seeds]
+  lines.append(
+      f"| - | float32 | - | 32 | 0 | 0 "
+      f"| {_spread([f['test_acc'] for f in fp], 100)} "
+      f"| {_spread([f['test_loss'] for f in fp], digits_=3)} | - |")
+  for budget in sorted(seeds[0]["budgets"], key=float, reverse=True):
+    rows = _criteria(seeds, budget)
+    count = len(seeds[0]["budgets"][budget]["feasible"])
+    mean = lambda rs, key: statistics.mean(r[key] for r in rs)
+    best_acc = max(("HAWQ-V2", "uniform"),
+                   key=lambda n: mean(rows[n], "test_acc"))
+    best_loss = min(("HAWQ-V2", "uniform"),
+                    key=lambda n: mean(rows[n], "test_loss"))
+    for name, rs in rows.items():
+      bits = ["/".join(map(str, r["bits"])) for r in rs]
+      bits = bits[0] if len(set(bits)) == 1 else "; ".join(bits)
+      acc = _spread([r["test_acc"] for r in rs], 100)
+      loss = _spread([r["test_loss"] for r in rs], digits_=3)
+      acc = f"**{acc}**" if name == best_acc else acc
+      loss = f"**{loss}**" if name == best_loss else loss
+      rise = statistics.mean(r["train_loss"] - s["float32"]["train_loss"]
+                             for r, s in zip(rs, seeds))
+      lines.append(
+          f"| {float(budget):g} bits | {name} | {bits} "
+          f"| {_spread([r['avg_bits'] for r in rs])} "
+          f"| {_sci(statistics.mean(r['omega'] / 2 for r in rs))} "
+          f"| {_sci(rise)} | {acc} | {loss} "
+          f"| {', '.join(str(r['rank']) for r in rs)} of {count} |")
+  return "\n".join(lines)
+
+
+def values(data) -> dict:
+  """The numbers the prose of docs/quantization.md quotes."""
+  seeds = data["seeds"]
+  out = {"seeds": str(len(seeds)),
+         "test images": f"{data['test_images']:,}",
+         "one test image %": f"{100 / data['test_images']:.2f}",
+         "train images": f"{data['train_images']:,}",
+         "hessian s": f"{statistics.median(s['hessian_s'] for s in seeds):.0f}",
+         "first hessian s": f"{seeds[0]['hessian_s']:.0f}",
+         "seconds": f"{data['seconds']:.0f}"}
+  sizes = seeds[0]["size"]
+  out["dense1 share %"] = (
+      f"{100 * sizes['dense1'] / sum(sizes.values()):.0f}")
+  # How far the other seeds' average traces are from the first's.
+  factor = max(max(s["mean_trace"][k] / seeds[0]["mean_trace"][k],
+                   seeds[0]["mean_trace"][k] / s["mean_trace"][k])
+               for s in seeds[1:] for k in data["layers"]) if len(
+                   seeds) > 1 else 1.0
+  out["trace factor"] = f"{factor:.1f}"
+  order = lambda s: sorted(data["layers"], key=lambda k: -s["mean_trace"][k])
+  out["same ranking"] = ("the same" if all(order(s) == order(seeds[0])
+                                           for s in seeds) else "not the same")
+  ratios = [seeds[0]["errors"]["dense1"][str(b)]
+            / seeds[0]["errors"]["conv1"][str(b)] for b in data["bits"]]
+  out["dense1/conv1 errors"] = f"{min(ratios):.0f} to {max(ratios):.0f}"
+  rho = [r for rs in data["spearman"].values() for r in rs]
+  out["spearman"] = f"{min(rho):.2f} to {max(rho):.2f}"
+  for budget in seeds[0]["budgets"]:
+    b = f"{float(budget):g}"
+    rows = _criteria(seeds, budget)
+    count = len(seeds[0]["budgets"][budget]["feasible"])
+    for name in ("HAWQ-V2", "uniform"):
+      rs = rows[name]
+      ranks = sorted(r["rank"] for r in rs)
+      out[f"{b} {name} ranks"] = f"{ranks[0]} to {ranks[-1]} of {count}"
+      out[f"{b} {name} acc"] = _spread([r["test_acc"] for r in rs], 100)
+      out[f"{b} {name} loss"] = (
+          f"{statistics.mean(r['test_loss'] for r in rs):.3f}")
+      out[f"{b} {name} bits"] = (
+          f"{statistics.mean(r['avg_bits'] for r in rs):.2f}")
+      out[f"{b} {name} half omega"] = _sci(
+          statistics.mean(r["omega"] / 2 for r in rs))
+      out[f"{b} {name} rise"] = _sci(statistics.mean(
+          r["train_loss"] - s["float32"]["train_loss"]
+          for r, s in zip(rs, seeds)))
+    wins = sum(h["test_loss"] < u["test_loss"]
+               for h, u in zip(rows["HAWQ-V2"], rows["uniform"]))
+    out[f"{b} HAWQ-V2 wins"] = f"{wins} of {len(seeds)}"
+    others = [n for n in rows if n not in ("HAWQ-V2", "uniform")]
+    out[f"{b} others uniform"] = (
+        "all" if all(r["bits"] == rows["uniform"][i]["bits"]
+                     for n in others for i, r in enumerate(rows[n]))
+        else "not all")
+  return out
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="results")
@@ -320,6 +477,11 @@ def main(argv=None) -> None:
   parser.add_argument("--smoke", action="store_true",
                       help="tiny run for tests")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--json", default=None,
+                      help="also write the results here, with the settings, "
+                           "for the docs' tables (docs/quantization.md reads "
+                           "docs/results/hawq_per_tensor.json and "
+                           "hawq_per_channel.json)")
   args = parser.parse_args(argv)
   smoke = args.smoke
   if args.epochs is None:
@@ -368,6 +530,24 @@ def main(argv=None) -> None:
   with open(os.path.join(args.out, "hawq.json"), "w") as f:
     json.dump({"seeds": seeds, "spearman": rho,
                "per_channel": args.per_channel}, f)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    settings = {k: getattr(args, k) for k in (
+        "epochs", "batch_size", "seed", "seeds", "hessian_size", "n_samples",
+        "n_steps", "per_channel", "smoke")}
+    with open(args.json, "w") as f:
+      json.dump({"script": "python examples/hawq.py "
+                           + " ".join(sys.argv[1:] if argv is None else argv),
+                 "settings": settings, "budgets": list(args.budgets),
+                 "bits": list(BITS), "layers": list(LAYERS),
+                 "train_images": len(data[0]), "test_images": len(data[2]),
+                 "jax": jax.__version__, "adahessian_optax": aho.__version__,
+                 "platform": jax.devices()[0].platform,
+                 "cpus": os.cpu_count(),
+                 "seconds": time.perf_counter() - start,
+                 "seeds": seeds, "spearman": rho}, f)
+      f.write("\n")
+    print(f"wrote {args.json}")
   print(f"\nwrote {os.path.join(args.out, 'hawq.md')} "
         f"({time.perf_counter() - start:.0f} s in all)")
 

@@ -165,6 +165,47 @@ def table(rows) -> str:
   return "\n".join(lines)
 
 
+LAYERS = ("conv1", "conv2", "dense1", "dense2")
+
+
+def results_table(data) -> str:
+  """docs/analysis.md's table, from the results file (``--json``:
+  docs/results/hessian_spectrum.json)."""
+  lines = ["| | test accuracy | top eigenvalues | trace ± stderr | trace per "
+           f"layer: {', '.join(LAYERS)} (BatchNorm: the rest) |",
+           "|---|---|---|---|---|"]
+  for r in data["rows"]:
+    acc = f"{100 * r['test_acc']:.1f}%" if "test_acc" in r else "-"
+    top = ", ".join(f"{v:.3g}" for v in r["top3"])
+    layers = ", ".join(f"{r['trace_per_layer'][k]:.3g}" for k in LAYERS)
+    lines.append(f"| {r['name']} | {acc} | {top} | {r['trace']:.3g} "
+                 f"± {r['trace_stderr']:.2g} | {layers} |")
+  return "\n".join(lines)
+
+
+def values(data) -> dict:
+  """Numbers the prose of docs/analysis.md quotes."""
+  rows = {r["name"]: r for r in data["rows"]}
+  first = rows.pop("initialisation")
+  out = {"minutes": f"{data['seconds'] / 60:.0f}",
+         "init top": f"{first['top3'][0]:.2g}"}
+  flattening = [first["trace"] / r["trace"] for r in rows.values()]
+  out["trace ratio"] = f"{min(flattening):.0f} to {max(flattening):.0f}"
+  by_trace = sorted(rows, key=lambda n: rows[n]["trace"])
+  by_top = sorted(rows, key=lambda n: rows[n]["top3"][0])
+  out["flattest"], out["sharpest"] = by_trace[0], by_trace[-1]
+  out["flattest by top"], out["sharpest by top"] = by_top[0], by_top[-1]
+  out["largest final top"] = f"{max(r['top3'][0] for r in rows.values()):.2g}"
+  out["peak tracked"] = f"{max(max(r['track_top']) for r in rows.values()):.2g}"
+  peaks = [r["track_steps"][int(np.argmax(r["track_top"]))]
+           for r in rows.values()]
+  out["peak steps"] = f"{min(peaks)} to {max(peaks)}"
+  out["last tracked"] = f"{max(r['track_top'][-1] for r in rows.values()):.2g}"
+  accs = [100 * r["test_acc"] for r in rows.values()]
+  out["accuracy"] = f"{min(accs):.1f} to {max(accs):.1f}%"
+  return out
+
+
 def plot(rows, out_dir: str) -> list:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -211,6 +252,10 @@ def main(argv=None) -> None:
   parser.add_argument("--smoke", action="store_true",
                       help="tiny run for tests")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--json", default=None,
+                      help="also write the results here, with the settings, "
+                           "for the docs' table (docs/analysis.md reads "
+                           "docs/results/hessian_spectrum.json)")
   args = parser.parse_args(argv)
   if args.epochs is None:
     args.epochs = 1 if args.smoke else 15
@@ -239,6 +284,23 @@ def main(argv=None) -> None:
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "hessian_spectrum.json"), "w") as f:
     json.dump(rows, f)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    settings = {"epochs": args.epochs, "batch_size": args.batch_size,
+                "seed": args.seed, "track_every": args.track_every,
+                "analysis_images": n, "trace_probes": args.sizes[0],
+                "esd_probes": args.sizes[1], "esd_steps": args.sizes[2],
+                "max_steps": args.max_steps, "smoke": args.smoke}
+    with open(args.json, "w") as f:
+      json.dump({"script": "python examples/hessian_spectrum.py "
+                           + " ".join(sys.argv[1:] if argv is None else argv),
+                 "settings": settings, "test_images": len(data[2]),
+                 "jax": jax.__version__, "adahessian_optax": aho.__version__,
+                 "platform": jax.devices()[0].platform,
+                 "cpus": os.cpu_count(),
+                 "seconds": time.perf_counter() - start, "rows": rows}, f)
+      f.write("\n")
+    print(f"wrote {args.json}")
   paths = plot(rows, args.out)
   if not args.smoke:
     for path in paths:

@@ -416,6 +416,171 @@ def trajectory_table(rows, steps_per_epoch: int) -> str:
   return "\n".join(lines)
 
 
+# The docs' tables and quoted values, each a function of a results file
+# (``--json``): docs/results/sharpness_trajectories.json (``python
+# examples/sharpness.py --skip-cost --json ...``), sharpness_cost_jit.json
+# and sharpness_cost.json (``--skip-trajectories --cost-sizes 64 32``, with
+# and without ``--jit``) and sharpness_cost_512_jit.json (``--cost-sizes
+# 512 --jit``).
+
+
+def trajectory_results(data) -> str:
+  """docs/sharpness.md's table of the trajectories."""
+  return trajectory_table(data["trajectories"],
+                          data["settings"]["steps_per_epoch"])
+
+
+def cost_results(data) -> str:
+  """docs/sharpness.md's tables of what tracking costs."""
+  return cost_table(data["cost"])
+
+
+def _label(r, tuned: dict) -> str:
+  return f"{r['name']} {'tuned' if r['learning_rate'] == tuned[r['name']] else 'larger'}"
+
+
+def _round(x: float, digits: int = 2) -> str:
+  """`x` to `digits` significant digits, thousands separated; as
+  ``m × 10ⁿ`` from a million."""
+  if abs(x) >= 1e6:
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+    sup = str(int(exponent)).translate(str.maketrans("-0123456789",
+                                                     "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
+    return f"{mantissa} × 10{sup}"
+  if x == 0:
+    return "0"
+  rounded = round(x, digits - 1 - int(np.floor(np.log10(abs(x)))))
+  return f"{rounded:,.{max(0, digits - 1 - int(np.floor(np.log10(abs(x)))))}f}"
+
+
+def trajectory_values(data) -> dict:
+  """The numbers docs/sharpness.md's prose quotes from the trajectories,
+  per run (``Adam tuned``, ``Adam larger``, ``AdaHessian tuned``,
+  ``AdaHessian larger``)."""
+  rows = data["trajectories"]
+  warmup = data["settings"]["steps_per_epoch"]
+  tuned = {}
+  for r in rows:
+    tuned.setdefault(r["name"], r["learning_rate"])
+  out = {"warmup steps": str(warmup), "steps": str(len(rows[0]["train_loss"])),
+         "eval size": str(data["settings"]["eval_size"]),
+         "minutes": f"{data['seconds'] / 60:.0f}"}
+  warm, cold, saved, falls, tuned_late = [], [], [], [], []
+  for r in rows:
+    label, pts = _label(r, tuned), r["points"]
+    sharp, pre = _ratios(pts)
+    late = [i for i, p in enumerate(pts) if p["step"] >= warmup]
+    early = [i for i, p in enumerate(pts) if p["step"] < warmup]
+    i = max(early, key=lambda k: pre[k])
+    out[f"{label} pre warmup max"] = f"{pre[i]:.3g}"
+    out[f"{label} pre warmup max step"] = str(pts[i]["step"])
+    for p, ratio in zip(pts, pre):
+      step = p["step"]
+      out[f"{label} pre at {step}"] = _round(p["preconditioned"])
+      out[f"{label} pre ratio at {step}"] = f"{ratio:.2g}"
+      out[f"{label} threshold at {step}"] = (
+          f"{aho.stability_threshold(p['learning_rate'], B1):,.0f}")
+      out[f"{label} at eps at {step}"] = f"{p['at_eps']:,}"
+    above = [pts[k]["step"] for k in late if pre[k] >= 1]
+    below_from = next((pts[k]["step"] for k in late
+                       if all(pre[j] < 1 for j in late if j >= k)), None)
+    out[f"{label} pre below from"] = str(below_from)
+    out[f"{label} pre above after warmup"] = str(len(above))
+    out[f"{label} pre max after warmup"] = f"{max(pre[k] for k in late):.2g}"
+    if r["learning_rate"] == tuned[r["name"]]:
+      tuned_late.append(max(pre[k] for k in late))
+    h_above = [pts[k]["step"] for k in late if sharp[k] >= 1]
+    out[f"{label} sharp last step above"] = (
+        str(max(h_above)) if h_above else "none")
+    out[f"{label} sharp min ratio until then"] = (
+        f"{min(sharp[k] for k in late if pts[k]['step'] <= max(h_above)):.2g}"
+        if h_above else "none")
+    until = [k for k in late if h_above and pts[k]["step"] <= max(h_above)]
+    out[f"{label} sharp above until then"] = (
+        f"{len(h_above)} of {len(until)}" if h_above else "none")
+    out[f"{label} sharp max after warmup"] = (
+        f"{max(sharp[k] for k in late):.2g}")
+    out[f"{label} final loss"] = f"{np.mean(r['train_loss'][-warmup:]):.3g}"
+    if r["learning_rate"] == tuned[r["name"]]:
+      for kind, ks in (("sharpness", range(len(pts))), ("preconditioned",
+                                                        late)):
+        values_ = [pts[k][kind] for k in ks]
+        falls.append(max(values_) / values_[-1])
+    w = _mean([p["sharpness_products"] + p["preconditioned_products"]
+               for p in pts[1:]])
+    c = _mean([p["sharpness_cold_products"]
+               + p["preconditioned_cold_products"] for p in pts[1:]])
+    warm.append(w)
+    cold.append(c)
+    saved.append(c - w)
+  out["tuned fall"] = f"{_round(min(falls))} to {_round(max(falls))}"
+  out["tuned pre max after warmup"] = f"{max(tuned_late):.2g}"
+  out["warm products"] = f"{min(warm):.1f} to {max(warm):.1f}"
+  out["cold products"] = f"{min(cold):.1f} to {max(cold):.1f}"
+  out["saved products"] = f"{min(saved):.1f} to {max(saved):.1f}"
+  out["saved %"] = f"{100 * _mean(saved) / _mean(cold):.0f}"
+  points = [p for r in rows for p in r["points"]]
+  out["most products"] = str(max(
+      max(p[f"{kind}{suffix}_products"] for kind in BOTH)
+      for p in points for suffix in ("", "_cold")))
+  out["all converged"] = ("Every" if all(
+      p[f"{kind}{suffix}_converged"] for p in points for kind in BOTH
+      for suffix in ("", "_cold")) else "Not every")
+  out["rechecked"] = str(sum(
+      p[f"{kind}{suffix}_rechecked"] for p in points for kind in BOTH
+      for suffix in ("", "_cold")))
+  out["measurements"] = str(2 * len(points))
+  return out
+
+
+def cost_values(data) -> dict:
+  """The numbers docs/sharpness.md's prose quotes from a cost file: per
+  setting (``Adam both 64 20 cost``: optimizer, ``both`` or ``pre``,
+  Hessian batch, n_steps or ``default``; then ``cost``, ``ms``,
+  ``measuring``, ``saved``), and ranges over the settings."""
+  rows = data["cost"]
+  out = {"repeats": str(data["settings"]["repeats"]),
+         "every": str(data["settings"]["cost_every"]),
+         "minutes": f"{data['seconds'] / 60:.0f}"}
+  pct = lambda x: f"{100 * x:+.0f}%"
+
+  def span(xs, fmt):
+    lo, hi = fmt(min(xs)), fmt(max(xs))
+    return lo if lo == hi else f"{lo} to {hi}"
+
+  for r in rows:
+    key = " ".join([r["name"], "both" if len(r["kinds"]) == 2 else "pre",
+                    str(r["eval_size"]), str(r["n_steps"] or "default")])
+    out[f"{key} cost"] = pct(r["overhead"])
+    out[f"{key} ms"] = f"{r['ms_per_call']:.0f}"
+    out[f"{key} measuring"] = f"{100 * r['measuring']:.0f}%"
+    out[f"{key} saved"] = f"{r['cold_products'] - r['warm_products']:.1f}"
+    out[f"{key} measuring ÷ run"] = f"{r['measuring']:.2f}"
+    # A product's time over a training step's.
+    steps = data["settings"]["epochs"] * data["settings"]["steps_per_epoch"]
+    out[f"{key} product in steps"] = (
+        f"{r['ms_per_call'] / r['warm_products'] / (1e3 * r['plain_s'] / steps):.0f}")
+  for name in OPTIMIZERS:
+    mine = [r for r in rows if r["name"] == name]
+    if not mine:
+      continue
+    cheap = [r for r in mine if r["n_steps"]]
+    out[f"{name} cost"] = span([r["overhead"] for r in cheap], pct)
+    out[f"{name} run s"] = span([r["plain_s"] for r in mine],
+                                lambda x: f"{x:.1f}")
+    out[f"{name} measuring"] = span([r["measuring"] for r in cheap],
+                                    lambda x: f"{100 * x:.0f}%")
+  cheap = [r for r in rows if r["n_steps"]]
+  if cheap:
+    out["max cost"] = pct(max(r["overhead"] for r in cheap))
+    out["measuring"] = span([r["measuring"] for r in cheap],
+                            lambda x: f"{100 * x:.0f}%")
+  out["saved"] = span([r["cold_products"] - r["warm_products"] for r in rows],
+                      lambda x: f"{x:.1f}")
+  out["saved mean"] = f"{_mean([r['cold_products'] - r['warm_products'] for r in rows]):.1f}"
+  return out
+
+
 def plot(rows, path: str, steps_per_epoch: int, eval_size: int) -> None:
   """Per optimizer: the two sharpnesses with their thresholds, and the
   training loss."""
@@ -465,6 +630,16 @@ def plot(rows, path: str, steps_per_epoch: int, eval_size: int) -> None:
   plt.close(fig)
 
 
+def _settings(args) -> dict:
+  """The run's settings, as the results file records them."""
+  keys = ("epochs", "batch_size", "seed", "eval_size", "tol", "n_steps",
+          "every", "cost_every", "repeats", "jit", "steps_per_epoch", "smoke")
+  return {**{k: getattr(args, k) for k in keys},
+          "larger": dict(args.larger),
+          "cost_settings": [[n, tol, n_steps, list(kinds)] for
+                            n, tol, n_steps, kinds in args.cost_settings]}
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="results")
@@ -501,6 +676,10 @@ def main(argv=None) -> None:
   parser.add_argument("--smoke", action="store_true",
                       help="tiny run for tests; does not touch docs/")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--json", default=None,
+                      help="also write the results here, with the settings, "
+                           "for the docs' tables (docs/sharpness.md reads "
+                           "docs/results/sharpness_*.json)")
   args = parser.parse_args(argv)
   smoke = args.smoke
   if args.epochs is None:
@@ -562,6 +741,18 @@ def main(argv=None) -> None:
     f.write(report + "\n")
   with open(os.path.join(args.out, "sharpness.json"), "w") as f:
     json.dump({"trajectories": rows, "cost": costs}, f)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump({"script": "python examples/sharpness.py "
+                           + " ".join(sys.argv[1:] if argv is None else argv),
+                 "settings": _settings(args), "jax": jax.__version__,
+                 "adahessian_optax": aho.__version__,
+                 "platform": device.platform, "cpus": os.cpu_count(),
+                 "seconds": time.perf_counter() - start,
+                 "trajectories": rows, "cost": costs}, f)
+      f.write("\n")
+    print(f"wrote {args.json}")
   if rows:
     png = os.path.join(args.out, "sharpness.png")
     plot(rows, png, args.steps_per_epoch, args.eval_size)

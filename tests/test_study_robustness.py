@@ -5,7 +5,6 @@ pieces of the runs (the clip counter, Signum)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from benchmarks.study import delayed

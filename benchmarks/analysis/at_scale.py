@@ -23,6 +23,7 @@ import argparse
 import functools
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,14 +69,17 @@ def _programs(loss, steps: int, samples: int):
   return {"top": jax.jit(top), "trace": jax.jit(trace)}
 
 
-def _plan(program, abstract_args) -> dict:
-  start = time.process_time()
+def _plan(program, abstract_args) -> tuple[dict, Any]:
+  """The per-device memory plan of `program` and the compiled program (run
+  as it is, so that the timed call does not compile again)."""
+  start, wall = time.process_time(), time.perf_counter()
   compiled = program.lower(*abstract_args).compile()
   stats = compiled.memory_analysis()
   return {"temp_gib": stats.temp_size_in_bytes / GIB,
           "argument_gib": stats.argument_size_in_bytes / GIB,
           "output_gib": stats.output_size_in_bytes / GIB,
-          "compile_cpu_s": time.process_time() - start}
+          "compile_cpu_s": time.process_time() - start,
+          "compile_wall_s": time.perf_counter() - wall}, compiled
 
 
 def measure(args) -> dict:
@@ -99,7 +103,8 @@ def measure(args) -> dict:
   for curvature, loss in _losses(graphdef).items():
     out = {}
     for task, program in _programs(loss, args.steps, args.samples).items():
-      out[task] = _plan(program, (abstract_params, abstract_batch, key))
+      out[task], compiled = _plan(program,
+                                  (abstract_params, abstract_batch, key))
       print(f"{curvature} {task}: plan {out[task]}", flush=True)
       if args.plan_only:
         continue
@@ -108,7 +113,7 @@ def measure(args) -> dict:
         concrete = (jax.device_put(real, param_shardings),
                     jax.device_put(batch, gpt.batch_sharding(mesh)))
       wall, cpu = time.perf_counter(), time.process_time()
-      result = jax.block_until_ready(program(*concrete, key))
+      result = jax.block_until_ready(compiled(*concrete, key))
       out[task].update(wall_s=time.perf_counter() - wall,
                        cpu_s=time.process_time() - cpu)
       if task == "top":
@@ -126,8 +131,8 @@ def measure(args) -> dict:
 
 def scale_table(data: dict) -> str:
   """One line per curvature and task: value, products, time, memory."""
-  header = ["curvature", "task", "value", "products", "wall s",
-            "temp GiB per device", "arguments GiB per device"]
+  header = ["curvature", "task", "value", "products", "run s",
+            "compile s", "temp GiB per device", "arguments GiB per device"]
   rows = []
   for curvature, tasks in data["curvatures"].items():
     for task, r in tasks.items():
@@ -137,8 +142,24 @@ def scale_table(data: dict) -> str:
       rows.append([curvature, "top eigenvalue" if task == "top" else "trace",
                    value, str(r.get("products", "-")),
                    f"{r['wall_s']:.0f}" if "wall_s" in r else "-",
+                   f"{r['compile_wall_s']:.0f}",
                    f"{r['temp_gib']:.2f}", f"{r['argument_gib']:.2f}"])
   return report.table(header, rows)
+
+
+def values(data: dict) -> dict:
+  """Numbers the docs quote: the model, the mesh and the batch, and the
+  largest per-device plan."""
+  runs = [r for tasks in data["curvatures"].values() for r in tasks.values()]
+  return {
+      "params": f"{data['params'] / 1e6:.0f}M",
+      "devices": str(data["devices"]),
+      "batch": f"{data['batch'][0]} sequences of {data['batch'][1] - 1}",
+      "steps": str(data["steps"]), "samples": str(data["samples"]),
+      "max temp": f"{max(r['temp_gib'] for r in runs):.2f}",
+      "params GiB": f"{runs[0]['argument_gib'] * data['devices']:.2f}",
+      "minutes": f"{sum(r.get('wall_s', 0) + r['compile_wall_s'] for r in runs) / 60:.0f}",
+  }
 
 
 def main(argv=None):
@@ -160,6 +181,9 @@ def main(argv=None):
     parser.error(f"--devices {args.devices} but JAX sees "
                  f"{jax.device_count()}: set XLA_FLAGS="
                  f"--xla_force_host_platform_device_count={args.devices}")
+  if args.batch % args.devices:
+    parser.error(f"--batch {args.batch} must be a multiple of --devices "
+                 f"{args.devices}: the batch is split over them")
   results = measure(args)
   print(scale_table(results))
   if args.out:

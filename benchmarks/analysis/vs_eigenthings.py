@@ -57,6 +57,7 @@ Usage (from the repository root)::
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -84,6 +85,12 @@ def parse_args(argv=None):
                       help="timed rounds (default 5; 1 with --quick)")
   parser.add_argument("--out", default=os.path.join("results", "bench"),
                       help="folder for vs_eigenthings.{md,json}; '' for none")
+  parser.add_argument("--json", default=None,
+                      help="also write the results here (the docs' file, "
+                      "docs/results/vs_eigenthings.json)")
+  parser.add_argument("--previous", default=None,
+                      help="an earlier version's vs_eigenthings.json, kept "
+                      "in this run's results for versions_table")
   return parser.parse_args(argv)
 
 
@@ -356,49 +363,166 @@ def _over(row, peer):
   return f"{outside[key]:.2f} / {inside[key]:.2f}"
 
 
+def _unit_line(name: str, m: dict) -> str:
+  p = m["products"]
+
+  def unit(key):
+    if key not in p:
+      return "-"
+    return f"{1e3 * p[key]['seconds']:.2f} ms ({p[key]['per_second']:.0f}/s)"
+
+  return (f"**{name.upper()}** ({m['parameters']} parameters, batch "
+          f"{m['batch']}). One product alone, ms (products per second): "
+          f"Hessian: ours {unit('ours HVP tangent pass')} as the analysis "
+          f"takes it (a tangent pass), {unit('ours HVP')} from scratch; "
+          f"hessian-eigenthings {unit('eigenthings HVP')}; PyHessian "
+          f"{unit('pyhessian HVP')}. GGN: ours {unit('ours GGN product')}, "
+          f"hessian-eigenthings {unit('eigenthings GGN product')}.")
+
+
+def model_table(results: dict, name: str) -> str:
+  """Time, products, ratios and errors of every task on model `name`."""
+  m = results["models"][name]
+  header = ["task", "products: ours / eigenthings / PyHessian",
+            "ours outside jit, ms", "ours in jit, ms", "eigenthings, ms",
+            "PyHessian, ms", "ours ÷ eigenthings (outside / in jit)",
+            "ours ÷ PyHessian (outside / in jit)",
+            "error: ours / eigenthings / PyHessian"]
+  rows = []
+  for task, row in m["tasks"].items():
+    products = " / ".join(str(row[s]["products"]) if s in row else "-"
+                          for s in (SIDES[0], SIDES[2], SIDES[3]))
+    errs = " / ".join(f"{row[s]['error']:.1e}" if s in row else "-"
+                      for s in (SIDES[0], SIDES[2], SIDES[3]))
+    rows.append([task, products] + [_ms(row, s) for s in SIDES]
+                + [_over(row, "eigenthings"), _over(row, "pyhessian"), errs])
+  return report.table(header, rows)
+
+
+def mlp_table(results: dict) -> str:
+  return model_table(results, "mlp")
+
+
+def cnn_table(results: dict) -> str:
+  return model_table(results, "cnn")
+
+
+def compile_table(results: dict) -> str:
+  """Compile times, apart: our first call outside jit and our compile
+  under jit, beside the peers' first calls, for every model."""
+  names = list(results["models"])
+  header = ["task"]
+  for name in names:
+    header += [f"{name.upper()}: ours first call outside jit, s",
+               f"{name.upper()}: ours compile under jit, s"]
+  header += ["eigenthings first call, s (" + " / ".join(
+      n.upper() for n in names) + ")", "PyHessian first call, s (" + " / ".join(
+          n.upper() for n in names) + ")"]
+  tasks = list(results["models"][names[0]]["tasks"])
+  rows = []
+  for task in tasks:
+    cells = [task]
+    for name in names:
+      row = results["models"][name]["tasks"][task]
+      cells += [f"{row[SIDES[0]]['first_call_s']:.2f}",
+                f"{row[SIDES[1]]['compile_s']:.2f}"]
+    for side in SIDES[2:]:
+      cells.append(" / ".join(
+          f"{results['models'][n]['tasks'][task][side]['first_call_s']:.2f}"
+          if side in results["models"][n]["tasks"][task] else "-"
+          for n in names))
+    rows.append(cells)
+  return report.table(header, rows)
+
+
+def versions_table(results: dict) -> str:
+  """Ours over hessian-eigenthings, outside jit / under jit, and our
+  compile times, this version against the earlier run in `previous`."""
+  before = results["previous"]
+  header = ["model", "task",
+            f"÷ eigenthings, {before['version']} (outside / in jit)",
+            f"÷ eigenthings, {results['version']} (outside / in jit)",
+            f"compile s outside / in jit, {before['version']}",
+            f"compile s outside / in jit, {results['version']}"]
+  rows = []
+  for name, m in results["models"].items():
+    for task, row in m["tasks"].items():
+      old = before["models"][name]["tasks"][task]
+      compile_s = lambda r: (f"{r[SIDES[0]]['first_call_s']:.2f} / "
+                             f"{r[SIDES[1]]['compile_s']:.2f}")
+      rows.append([name.upper(), task, _over(old, "eigenthings"),
+                   _over(row, "eigenthings"), compile_s(old),
+                   compile_s(row)])
+  return report.table(header, rows)
+
+
+def values(results: dict) -> dict:
+  """Numbers the docs quote: ranges of our time over each peer's, outside
+  and under jit, over every task and model, and the range of the changes
+  of our ratio to hessian-eigenthings' against the earlier version in
+  `previous` (negative: faster relative to the peer)."""
+  out = {}
+  for peer in ("eigenthings", "pyhessian"):
+    for i, where in enumerate(("outside", "in")):
+      ratios = [row[SIDES[i]][f"over {peer}"]
+                for m in results["models"].values()
+                for row in m["tasks"].values()
+                if f"over {peer}" in row[SIDES[i]]]
+      out[f"{peer}:{where}"] = f"{min(ratios):.2f}–{max(ratios):.2f}"
+  span = lambda xs, f="{:.1f}": f"{f.format(min(xs))}–{f.format(max(xs))}"
+  rows = [row for m in results["models"].values()
+          for row in m["tasks"].values()]
+  out["compile:outside"] = span([r[SIDES[0]]["first_call_s"] for r in rows])
+  out["compile:in"] = span([r[SIDES[1]]["compile_s"] for r in rows])
+  out["peers:first call"] = span(
+      [r[s]["first_call_s"] for r in rows for s in SIDES[2:] if s in r],
+      "{:.2f}")
+  for name, m in results["models"].items():
+    for task, row in m["tasks"].items():
+      for side in SIDES:
+        if side in row:
+          out[f"{name} {task} {side} products"] = str(row[side]["products"])
+          out[f"{name} {task} {side} ms"] = f"{1e3 * row[side]['seconds']:.1f}"
+  if "previous" in results:
+    changes, compiles, outside = [], [], []
+    for name, m in results["models"].items():
+      for task, row in m["tasks"].items():
+        old = results["previous"]["models"][name]["tasks"][task]
+        for side in SIDES[:2]:
+          change = (row[side]["over eigenthings"]
+                    / old[side]["over eigenthings"])
+          changes.append(change)
+          if change > 1.1:
+            outside.append(f"{name.upper()} {task} "
+                           f"{'under jit' if side == SIDES[1] else 'outside jit'}"
+                           f" ({100 * (change - 1):+.0f}%)")
+        compiles += [row[SIDES[0]]["first_call_s"]
+                     / old[SIDES[0]]["first_call_s"],
+                     row[SIDES[1]]["compile_s"] / old[SIDES[1]]["compile_s"]]
+    out["ratio_change"] = (f"{100 * (min(changes) - 1):+.0f}% to "
+                           f"{100 * (max(changes) - 1):+.0f}%")
+    out["ratios within 10%"] = (
+        f"{sum(c <= 1.1 for c in changes)} of {len(changes)}")
+    out["ratios beyond 10%"] = ", ".join(outside) or "none"
+    out["compile_change"] = (f"{100 * (min(compiles) - 1):+.0f}% to "
+                             f"{100 * (max(compiles) - 1):+.0f}%")
+    out["compile median change"] = (
+        f"{100 * (sorted(compiles)[len(compiles) // 2] - 1):+.0f}%")
+    out["previous version"] = results["previous"]["version"]
+  out["version"] = results.get("version", "-")
+  out["minutes"] = f"{results['wall_s'] / 60:.0f}"
+  return out
+
+
 def markdown(results) -> str:
   parts = []
-  for name, m in results["models"].items():
-    p = m["products"]
-
-    def unit(key):
-      if key not in p:
-        return "-"
-      return (f"{1e3 * p[key]['seconds']:.2f} ms "
-              f"({p[key]['per_second']:.0f}/s)")
-
-    parts.append(
-        f"**{name.upper()}** ({m['parameters']} parameters, batch "
-        f"{m['batch']}). One product alone, ms (products per second): "
-        f"Hessian: ours {unit('ours HVP tangent pass')} as the analysis "
-        f"takes it (a tangent pass), {unit('ours HVP')} from scratch; "
-        f"hessian-eigenthings {unit('eigenthings HVP')}; PyHessian "
-        f"{unit('pyhessian HVP')}. GGN: ours {unit('ours GGN product')}, "
-        f"hessian-eigenthings {unit('eigenthings GGN product')}.\n")
-    header = ["task", "products: ours / eigenthings / PyHessian",
-              "ours outside jit, ms", "ours in jit, ms", "eigenthings, ms",
-              "PyHessian, ms", "ours ÷ eigenthings (outside / in jit)",
-              "ours ÷ PyHessian (outside / in jit)",
-              "error: ours / eigenthings / PyHessian"]
-    rows = []
-    for task, row in m["tasks"].items():
-      products = " / ".join(str(row[s]["products"]) if s in row else "-"
-                            for s in (SIDES[0], SIDES[2], SIDES[3]))
-      errs = " / ".join(f"{row[s]['error']:.1e}" if s in row else "-"
-                        for s in (SIDES[0], SIDES[2], SIDES[3]))
-      rows.append([task, products] + [_ms(row, s) for s in SIDES]
-                  + [_over(row, "eigenthings"), _over(row, "pyhessian"), errs])
-    parts.append(report.table(header, rows) + "\n")
-    header = ["task", "ours: first call outside jit, s",
-              "ours: compile under jit, s", "eigenthings: first call, s",
-              "PyHessian: first call, s"]
-    rows = []
-    for task, row in m["tasks"].items():
-      def first(side, key="first_call_s"):
-        return f"{row[side][key]:.2f}" if side in row else "-"
-      rows.append([task, first(SIDES[0]), first(SIDES[1], "compile_s"),
-                   first(SIDES[2]), first(SIDES[3])])
-    parts.append(report.table(header, rows) + "\n")
+  for name in results["models"]:
+    parts.append(_unit_line(name, results["models"][name]) + "\n")
+    parts.append(model_table(results, name) + "\n")
+  parts.append("Compile time, apart:\n")
+  parts.append(compile_table(results) + "\n")
+  if "previous" in results:
+    parts.append(versions_table(results) + "\n")
   return "\n".join(parts)
 
 
@@ -419,7 +543,7 @@ def main(args):
   n = 128 if args.quick else 512
   batch = problems.batch_of(images, labels, n)
   results = {"threads": args.threads, "quick": args.quick,
-             "jax": jax.__version__, "batch": n,
+             "jax": jax.__version__, "version": aho.__version__, "batch": n,
              "settings": {k: list(v) if isinstance(v, tuple) else v
                           for k, v in settings(args.quick).items()},
              "repeats": args.repeats, "models": {}}
@@ -429,6 +553,12 @@ def main(args):
     results["models"][name] = measure(problem, args, clock, with_eigenthings,
                                       with_pyhessian)
   results["wall_s"] = time.perf_counter() - start
+  if args.previous:
+    with open(args.previous, encoding="utf-8") as f:
+      previous = json.load(f)
+    previous.pop("previous", None)
+    previous.setdefault("version", "0.5.2")
+    results["previous"] = previous
   text = markdown(results)
   print()
   print(text)
@@ -438,6 +568,8 @@ def main(args):
     with open(os.path.join(args.out, "vs_eigenthings.md"), "w") as f:
       f.write(timing.header() + "\n\n" + text)
     report.save_json(os.path.join(args.out, "vs_eigenthings.json"), results)
+  if args.json:
+    report.save_json(args.json, results)
 
 
 if __name__ == "__main__":

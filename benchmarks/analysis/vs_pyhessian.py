@@ -39,6 +39,7 @@ Usage (from the repository root)::
 
 import argparse
 import os
+import sys
 import time
 
 import jax
@@ -66,7 +67,9 @@ def parse_args(argv=None):
                       help="skip PyHessian even if it is installed")
   parser.add_argument("--json", default=os.path.join("results",
                                                      "bench_analysis.json"))
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
+  return args
 
 
 TOL = 1e-4
@@ -186,6 +189,10 @@ def measure_pyhessian(name, params, batch, exact_eigs, sigma, args, clock):
 
   def run(task_fn):
     torch.manual_seed(0)  # its random start vectors and probes
+    # PyHessian reads the gradient from the params' .grad, which its own
+    # backward adds to: without this, a gradient left there (by `graph`
+    # below, or `grad`) doubles the Hessian it sees.
+    model.zero_grad(set_to_none=True)
     h = pyhessian.hessian(model, criterion, data=(x, y), cuda=False)
     return task_fn(h)
 
@@ -298,51 +305,129 @@ def targets(result):
   }
 
 
-def markdown(results) -> str:
-  """The results as the table of docs/analysis.md."""
-  header = ["task", "HVPs", "time, ms: outside jit / in jit", "in HVPs",
-            "in gradients", "relative error", "PyHessian HVPs", "PyHessian ms",
-            "PyHessian in HVPs", "PyHessian error"]
+_HEADER = ["task", "HVPs", "time, ms: outside jit / in jit", "in HVPs",
+           "in gradients", "relative error", "PyHessian HVPs", "PyHessian ms",
+           "PyHessian in HVPs", "PyHessian error"]
+
+
+def model_table(results, name: str) -> str:
+  """One model's line of units and table, as docs/analysis.md shows them."""
+  m = results["models"][name]
+  jax_, torch_ = m["jax"], m.get("torch", {})
   none = ["-"] * 4
-  parts = []
-  for name, m in results["models"].items():
+  caption = (
+      f"**{name.upper()}** ({m['parameters']} parameters, batch "
+      f"{results['batch']}; one HVP: JAX {1e3 * jax_['hvp_s']:.2f} ms, "
+      + (f"torch {1e3 * torch_['hvp_s']:.2f} ms; " if torch_ else "")
+      + f"one gradient: JAX {1e3 * jax_['grad_s']:.2f} ms"
+      + (f", torch {1e3 * torch_['grad_s']:.2f} ms" if torch_ else "")
+      + ")")
+  rows = []
+  for task in TASKS:
+    eager, jit = jax_[f"{task} (eager)"], jax_[f"{task} (jit)"]
+    best = min(eager, jit, key=lambda r: r["seconds"])
+    theirs = torch_.get(task)
+    rows.append(
+        [task, best["hvps"],
+         f"{1e3 * eager['seconds']:.1f} / {1e3 * jit['seconds']:.1f}",
+         f"{best['in_hvps']:.1f}", f"{best['in_grads']:.1f}",
+         f"{best['error']:.1e}"]
+        + ([theirs["hvps"], f"{1e3 * theirs['seconds']:.1f}",
+            f"{theirs['in_hvps']:.1f}", f"{theirs['error']:.1e}"]
+           if theirs else none))
+  if "top-1 to 1e-4" in torch_:
+    r = torch_["top-1 to 1e-4"]
+    rows.append([f"top-1, power iteration to 1e-4 (tol={r['tol']:g})"]
+                + [""] * 5 + [r["hvps"], f"{1e3 * r['seconds']:.1f}",
+                              f"{r['in_hvps']:.1f}", f"{r['error']:.1e}"])
+  if "dataset" in m:
+    d = m["dataset"]
+    rows.append(
+        ["top-1, whole dataset", f"{d['jax']['hvps']} passes",
+         f"{1e3 * d['jax']['seconds']:.0f} / -", "", "",
+         f"{d['jax']['error']:.1e}"]
+        + ([f"{d['torch']['hvps']} passes",
+            f"{1e3 * d['torch']['seconds']:.0f}", "",
+            f"{d['torch']['error']:.1e}"] if "torch" in d else none))
+  return caption + "\n\n" + report.table(_HEADER, rows)
+
+
+def markdown(results) -> str:
+  """The results as the tables of docs/analysis.md."""
+  return "\n\n".join(model_table(results, name)
+                      for name in results["models"])
+
+
+# docs/analysis.md's tables and quoted values, each a function of the
+# results file (``--json docs/results/vs_pyhessian.json``).
+
+
+def mlp_table(data) -> str:
+  return model_table(data, "mlp")
+
+
+def cnn_table(data) -> str:
+  return model_table(data, "cnn")
+
+
+def values(data) -> dict:
+  """Numbers the prose quotes, per model (``mlp ...``, ``cnn ...``)."""
+  out = {"repeats": str(data["repeats"]), "jax": data["jax"],
+         "torch": data.get("torch", "-"),
+         "pyhessian": data.get("pyhessian", "-")}
+  for name, m in data["models"].items():
     jax_, torch_ = m["jax"], m.get("torch", {})
-    parts.append(
-        f"**{name.upper()}** ({m['parameters']} parameters, batch "
-        f"{results['batch']}; one HVP: JAX {1e3 * jax_['hvp_s']:.2f} ms, "
-        + (f"torch {1e3 * torch_['hvp_s']:.2f} ms; " if torch_ else "")
-        + f"one gradient: JAX {1e3 * jax_['grad_s']:.2f} ms"
-        + (f", torch {1e3 * torch_['grad_s']:.2f} ms" if torch_ else "")
-        + ")\n")
-    rows = []
+
+    def best(task):
+      return min(jax_[f"{task} (eager)"], jax_[f"{task} (jit)"],
+                 key=lambda r: r["seconds"])
+
+    def ms(seconds):
+      return f"{1e3 * seconds:.1f}" if seconds < 1 else f"{seconds:.2f} s"
+
+    out[f"{name} parameters"] = str(m["parameters"])
     for task in TASKS:
-      eager, jit = jax_[f"{task} (eager)"], jax_[f"{task} (jit)"]
-      best = min(eager, jit, key=lambda r: r["seconds"])
-      theirs = torch_.get(task)
-      rows.append(
-          [task, best["hvps"],
-           f"{1e3 * eager['seconds']:.1f} / {1e3 * jit['seconds']:.1f}",
-           f"{best['in_hvps']:.1f}", f"{best['in_grads']:.1f}",
-           f"{best['error']:.1e}"]
-          + ([theirs["hvps"], f"{1e3 * theirs['seconds']:.1f}",
-              f"{theirs['in_hvps']:.1f}", f"{theirs['error']:.1e}"]
-             if theirs else none))
-    if "top-1 to 1e-4" in torch_:
-      r = torch_["top-1 to 1e-4"]
-      rows.append([f"top-1, power iteration to 1e-4 (tol={r['tol']:g})"]
-                  + [""] * 5 + [r["hvps"], f"{1e3 * r['seconds']:.1f}",
-                                f"{r['in_hvps']:.1f}", f"{r['error']:.1e}"])
+      b = best(task)
+      out[f"{name} {task} hvps"] = str(b["hvps"])
+      out[f"{name} {task} ms"] = ms(b["seconds"])
+      out[f"{name} {task} mode"] = ("in jit" if b is jax_[f"{task} (jit)"]
+                                    else "outside jit")
+      out[f"{name} {task} eager ms"] = ms(jax_[f"{task} (eager)"]["seconds"])
+      out[f"{name} {task} jit ms"] = ms(jax_[f"{task} (jit)"]["seconds"])
+      out[f"{name} {task} in hvps"] = f"{b['in_hvps']:.1f}"
+      out[f"{name} {task} error"] = f"{b['error']:.1e}"
+      if task in torch_:
+        t = torch_[task]
+        out[f"{name} {task} pyhessian hvps"] = str(t["hvps"])
+        out[f"{name} {task} pyhessian ms"] = ms(t["seconds"])
+        out[f"{name} {task} pyhessian error"] = f"{t['error']:.1e}"
+        out[f"{name} {task} speedup"] = f"{t['seconds'] / b['seconds']:.1f}"
+        out[f"{name} {task} time ratio"] = (
+            f"{b['seconds'] / t['seconds']:.2f}")
+    jit_over_eager = [jax_[f"{t} (jit)"]["seconds"]
+                      / jax_[f"{t} (eager)"]["seconds"] for t in TASKS]
+    out[f"{name} jit over eager"] = (
+        f"{min(jit_over_eager):.1f}–{max(jit_over_eager):.1f}")
+    out[f"{name} hvp ms"] = f"{1e3 * jax_['hvp_s']:.2f}"
+    out[f"{name} grad ms"] = f"{1e3 * jax_['grad_s']:.2f}"
+    if torch_:
+      out[f"{name} torch hvp ms"] = f"{1e3 * torch_['hvp_s']:.2f}"
+      out[f"{name} torch grad ms"] = f"{1e3 * torch_['grad_s']:.2f}"
+      if "top-1 to 1e-4" in torch_:
+        out[f"{name} power to 1e-4 hvps"] = str(
+            torch_["top-1 to 1e-4"]["hvps"])
+    out[f"{name} hutch++ gain"] = (
+        f"{best('trace')['error'] / best('trace hutch++')['error']:.0f}")
     if "dataset" in m:
       d = m["dataset"]
-      rows.append(
-          ["top-1, whole dataset", f"{d['jax']['hvps']} passes",
-           f"{1e3 * d['jax']['seconds']:.0f} / -", "", "",
-           f"{d['jax']['error']:.1e}"]
-          + ([f"{d['torch']['hvps']} passes",
-              f"{1e3 * d['torch']['seconds']:.0f}", "",
-              f"{d['torch']['error']:.1e}"] if "torch" in d else none))
-    parts.append(report.table(header, rows) + "\n")
-  return "\n".join(parts)
+      out[f"{name} dataset passes"] = str(d["jax"]["hvps"])
+      if "torch" in d:
+        out[f"{name} dataset pyhessian passes"] = str(d["torch"]["hvps"])
+        out[f"{name} dataset time ratio"] = (
+            f"{d['jax']['seconds'] / d['torch']['seconds']:.2f}")
+    for target, met in m.get("targets", {}).items():
+      out[f"{name} target {target}"] = "met" if met else "not met"
+  return out
 
 
 def main(args):
@@ -356,8 +441,17 @@ def main(args):
   images, labels = problems.load_data()
   n = 128 if args.quick else 512
   batch = problems.batch_of(images, labels, n)
-  results = {"threads": args.threads, "quick": args.quick,
-             "jax": jax.__version__, "batch": n, "models": {}}
+  results = {"script": "python -m benchmarks.analysis.vs_pyhessian"
+                       + "".join(f" {a}" for a in args.argv),
+             "threads": args.threads, "quick": args.quick,
+             "repeats": args.repeats, "jax": jax.__version__,
+             "adahessian_optax": aho.__version__, "header": timing.header(),
+             "batch": n, "models": {}}
+  if torch_too:
+    import importlib.metadata  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    results.update(torch=torch.__version__,
+                   pyhessian=importlib.metadata.version("pyhessian"))
   for name in args.models.split(","):
     problem = problems.make_problem(name, batch, args.quick)
     params, exact_eigs, sigma = (problem.params, problem.hessian_eigs,
