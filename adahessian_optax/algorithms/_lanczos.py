@@ -88,11 +88,14 @@ def _project(basis: list, w: list) -> jax.Array:
 
 
 def combine(coefficients: jax.Array, basis: list) -> list:
-  """`c V`: coefficients of shape `(rows,)` or `(k, rows)` times the basis
-  (a multiply and a sum with several devices, as in `_project`)."""
-  if _several_devices() and coefficients.ndim == 1:
-    return [jnp.sum(coefficients.astype(v.dtype).reshape(
-        (-1,) + (1,) * (v.ndim - 1)) * v, axis=0) for v in basis]
+  """`c V`: coefficients of shape `(rows,)` or `(k, rows)` times the basis.
+
+  A dot product whatever the devices: the coefficients are replicated, so
+  the basis is not dotted with a vector sharded otherwise (`_project`). A
+  multiply and a sum over the rows instead made a Lanczos step of GPT-2
+  small on 8 simulated devices about 20 times slower (a reduction over the
+  major axis of every leaf).
+  """
   return [jnp.tensordot(coefficients.astype(v.dtype), v, axes=1,
                         precision=_HIGHEST) for v in basis]
 

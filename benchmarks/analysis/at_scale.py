@@ -13,10 +13,11 @@ values. The Lanczos basis holds ``--steps + 1`` vectors of the params' size
 (at least float32), sharded like them.
 
 Writes ``docs/results/analysis_at_scale.json``; ``scale_table`` renders the
-docs' line. The 124M run takes about half an hour on 2 CPU cores::
+docs' line. The 124M run takes a few minutes on 2 CPU cores::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      python -m benchmarks.analysis.at_scale --config 124M --devices 8
+      python -m benchmarks.analysis.at_scale --config 124M --devices 8 \\
+      --batch 8 --seq 64
 """
 
 import argparse
@@ -131,14 +132,18 @@ def measure(args) -> dict:
 
 def scale_table(data: dict) -> str:
   """One line per curvature and task: value, products, time, memory."""
-  header = ["curvature", "task", "value", "products", "run s",
-            "compile s", "temp GiB per device", "arguments GiB per device"]
+  header = ["curvature", "task", "value", "products", "run s", "compile s",
+            "temp GiB per device", "arguments GiB per device"]
   rows = []
   for curvature, tasks in data["curvatures"].items():
     for task, r in tasks.items():
-      value = "-" if "value" not in r else (
-          f"{r['value']:.4g}" + (f" ± {r['stderr']:.2g}" if "stderr" in r
-                                 else ""))
+      if "value" not in r:
+        value = "-"
+      elif task == "top":
+        value = f"{r['value']:.4g} (residual {r['residual']:.2g}" + (
+            ", converged)" if r["converged"] else ")")
+      else:
+        value = f"{r['value']:.4g} ± {r['stderr']:.2g}"
       rows.append([curvature, "top eigenvalue" if task == "top" else "trace",
                    value, str(r.get("products", "-")),
                    f"{r['wall_s']:.0f}" if "wall_s" in r else "-",
@@ -167,7 +172,7 @@ def main(argv=None):
   parser.add_argument("--config", default="124M", choices=sorted(gpt.CONFIGS))
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--seq", type=int, default=64)
   parser.add_argument("--steps", type=int, default=12,
                       help="most Lanczos steps (the basis holds one more)")
   parser.add_argument("--samples", type=int, default=8,
