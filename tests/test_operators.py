@@ -368,3 +368,18 @@ def test_wrt_as_a_plain_dict_selects_a_block_of_an_nnx_state():
                              rtol=1e-4)
   with pytest.raises(ValueError, match="pytree prefix of params"):
     aho.hessian_eigenvalues(loss, params, 0, wrt={"kernel": True})
+
+
+def test_spectral_density_default_steps_fit_an_operator_smaller_than_50():
+  # The default n_steps is min(50, size): a 4-dimensional operator gets 4
+  # steps, and each probe's quadrature reproduces its Hutchinson sample
+  # (n * sum_k w_k theta_k = z^T A z for the same probe).
+  a = jnp.diag(jnp.array([1.0, 2.0, 2.0, 5.0])) + 0.1
+  op = aho.linear_operator(lambda v: a @ v, jnp.zeros(4))
+  esd = aho.spectral_density(op, key=3, n_samples=2)
+  assert esd.nodes.shape == (2, 4)
+  samples = aho.trace(op, key=3, n_samples=2).samples
+  np.testing.assert_allclose(4 * np.sum(esd.weights * esd.nodes, axis=1),
+                             samples, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"n_steps must lie in \[1, 4\]"):
+    aho.spectral_density(op, key=3, n_steps=5)

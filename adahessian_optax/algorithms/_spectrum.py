@@ -100,7 +100,7 @@ def _quadratures(op, loops, key, *, n_samples, n_steps):
 
 @_docs.shared
 def spectral_density(op: _base.LinearOperator, key: Any, *,
-                     n_samples: int = 10, n_steps: int = 50
+                     n_samples: int = 10, n_steps: Optional[int] = None
                      ) -> SpectralDensity:
   r"""The eigenvalue spectral density of an operator, by Lanczos quadrature.
 
@@ -125,7 +125,8 @@ def spectral_density(op: _base.LinearOperator, key: Any, *,
     <<op>>
     key: an int seed or a JAX PRNG key for the probes.
     n_samples: the number of probes (independent Lanczos runs).
-    n_steps: Lanczos steps per probe, at most the operator's size.
+    n_steps: Lanczos steps per probe, at most the operator's size
+      (default ``min(50, size)``).
 
   Returns:
     A :class:`SpectralDensity` with ``nodes`` and ``weights`` of shape
@@ -155,6 +156,8 @@ def spectral_density(op: _base.LinearOperator, key: Any, *,
   """
   _common.check_operator(op, "spectral_density")
   _checks.check_positive_int("n_samples", n_samples, allow_traced=False)
+  if n_steps is None:
+    n_steps = min(50, op.size)
   _common.check_steps("n_steps", n_steps, 1, op.size,
                       "Lanczos steps per probe")
   key = _common.key_of(key, "spectral_density")
@@ -166,7 +169,7 @@ def spectral_density(op: _base.LinearOperator, key: Any, *,
 
 @_docs.shared
 def hessian_spectrum(value_fn: Any, params: Any, key: Any, *,
-                     n_samples: int = 10, n_steps: int = 50,
+                     n_samples: int = 10, n_steps: Optional[int] = None,
                      wrt: Any = None, preconditioner: Any = None,
                      axis_name: Optional[str] = None) -> SpectralDensity:
   r"""The eigenvalue spectral density of a loss's Hessian.
@@ -180,7 +183,8 @@ def hessian_spectrum(value_fn: Any, params: Any, key: Any, *,
     params: the pytree at which to take the Hessian.
     key: an int seed or a JAX PRNG key for the probes.
     n_samples: the number of probes (independent Lanczos runs).
-    n_steps: Lanczos steps per probe, at most the dimension.
+    n_steps: Lanczos steps per probe, at most the dimension (default
+      ``min(50, dimension)``).
     <<wrt>>
     <<preconditioner>>
     <<axis_name>>
