@@ -1,7 +1,8 @@
 """Argument documentation written once, filled into the docstrings.
 
-A docstring line holding only ``<<name>>`` becomes the entry ``name: ...``
-below, indented like the placeholder.
+A docstring line holding only ``<<name>>`` becomes the entry (or, for a
+group such as ``per_layer_settings``, the entries) written below, indented
+like the placeholder.
 """
 
 import re
@@ -29,6 +30,11 @@ _ARGS = {
   :func:`~adahessian_optax.adam_preconditioner`: analyse
   :math:`P^{-1/2} H P^{-1/2}`, which has the eigenvalues of
   :math:`P^{-1} H`, instead of :math:`H`.""",
+    # per_layer's and layer_summary's settings.
+    "per_layer_settings": """key: an int seed or a JAX PRNG key.
+n_samples: Hutchinson probes for the traces.
+n_steps: the most Lanczos steps per leaf (fewer for a smaller leaf).
+tol: the Lanczos tolerance, relative.""",
     "axis_name": """axis_name: inside ``pmap``/``shard_map``, the data-parallel axis over
   which the products are averaged (the replicas share the key).""",
 }

@@ -60,10 +60,7 @@ def per_layer(op: _base.LinearOperator, key: Any, *, n_samples: int = 100,
 
   Args:
     <<op>>
-    key: an int seed or a JAX PRNG key.
-    n_samples: Hutchinson probes for the traces.
-    n_steps: the most Lanczos steps per leaf (fewer for a smaller leaf).
-    tol: the Lanczos tolerance, relative.
+    <<per_layer_settings>>
 
   Returns:
     A :class:`LayerSummary` of pytrees like params.
@@ -127,10 +124,7 @@ def layer_summary(value_fn: Any, params: Any, key: Any, *,
   Args:
     <<value_fn>>
     params: the pytree at which to take the curvature.
-    key: an int seed or a JAX PRNG key.
-    n_samples: Hutchinson probes for the traces.
-    n_steps: the most Lanczos steps per leaf (fewer for a smaller leaf).
-    tol: the Lanczos tolerance, relative.
+    <<per_layer_settings>>
     wrt: which leaves to summarise (see :func:`hessian_trace`); whole
       leaves only.
     <<axis_name>>

@@ -508,7 +508,6 @@ def values(results: dict) -> dict:
                              f"{100 * (max(compiles) - 1):+.0f}%")
     out["compile median change"] = (
         f"{100 * (sorted(compiles)[len(compiles) // 2] - 1):+.0f}%")
-    out["previous version"] = results["previous"]["version"]
   out["version"] = results.get("version", "-")
   out["minutes"] = f"{results['wall_s'] / 60:.0f}"
   return out
