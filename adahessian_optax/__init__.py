@@ -63,7 +63,7 @@ from adahessian_optax.optimizer import spatial_rules
 from adahessian_optax.optimizer import SpatialRule
 from adahessian_optax.optimizer import unmask_params
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 # Loaded on first use so that importing the package does not need flax.
 _FLAX_NAMES = ("nnx_value_fn", "TrainState")

@@ -64,21 +64,27 @@ class BlockMean(SpatialRule):
           f"is larger than axis {self.axis} ({shape[axis]} entries)")
 
   def apply(self, x):
-    y = jnp.moveaxis(x, self.axis, -1)
-    n = y.shape[-1]
+    # Blocks are split in place, (..., n, ...) -> (..., n / b, b, ...), with
+    # no transpose: XLA then fuses the block means into their consumer
+    # instead of writing a transposed copy and a broadcast of the estimate.
+    axis = self.axis % x.ndim
+    n = x.shape[axis]
     whole = (n // self.block_size) * self.block_size
     parts = []
     if whole:
-      blocks = y[..., :whole].reshape(*y.shape[:-1], -1, self.block_size)
-      mean = jnp.broadcast_to(jnp.mean(blocks, axis=-1, keepdims=True),
-                              blocks.shape)
-      parts.append(mean.reshape(*y.shape[:-1], whole))
+      parts.append(_block_means(jax.lax.slice_in_dim(x, 0, whole, axis=axis),
+                                axis, self.block_size))
     if whole < n:
-      tail = y[..., whole:]
-      parts.append(jnp.broadcast_to(jnp.mean(tail, axis=-1, keepdims=True),
-                                    tail.shape))
-    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-    return jnp.moveaxis(y, -1, self.axis)
+      parts.append(_block_means(jax.lax.slice_in_dim(x, whole, n, axis=axis),
+                                axis, n - whole))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def _block_means(x, axis: int, size: int):
+  """Each run of ``size`` entries along ``axis`` replaced by its mean."""
+  blocks = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
+  mean = jnp.mean(x.reshape(blocks), axis=axis + 1, keepdims=True)
+  return jnp.broadcast_to(mean, blocks).reshape(x.shape)
 
 
 @dataclasses.dataclass(frozen=True)

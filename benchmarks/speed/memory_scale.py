@@ -9,25 +9,29 @@ device: on one device, and per device on an 8-device FSDP mesh of
 simulated CPU devices (every matrix sharded on one axis, the batch of 32
 split over the same devices). For each: AdamW; AdaHessian's fused refresh
 step, plain and with ``chunks=4`` (one sequence of each device per piece);
-AdaHessian with the GNB estimator, fused, and with the estimate on every
-4th sequence in the optimizer's own ``lax.cond``; Sophia-G (GNB) on the
-whole batch and on every 4th sequence. Each without and with per-block
-remat. Reported: temporary bytes, and temporary plus output bytes (XLA
-uses the output buffers for temporaries before the outputs are written),
-over AdamW's with the same model settings; argument and output bytes; the
-optimizer state's bytes; and the seconds and the process's peak resident
-memory of each compile.
+AdaHessian's plain call with ``chunks=4`` (the whole batch's gradient,
+then the products in pieces, at ``update_interval=1``); AdaHessian with
+the GNB estimator, fused, and with the estimate on every 4th sequence in
+the optimizer's own ``lax.cond``; Sophia-G (GNB) on the whole batch and on
+every 4th sequence. Each without and with per-block remat. Reported:
+temporary bytes, and temporary plus output bytes (XLA uses the output
+buffers for temporaries before the outputs are written), over AdamW's with
+the same model settings; argument and output bytes; the optimizer state's
+bytes; and the seconds and the process's peak resident memory of each
+compile. Then the memory settings (remat; chunks and strides equal to the
+sequences per device) and AdamW with remat again at 8 and 16 sequences per
+device: where each setting reaches AdamW's bytes as the batch grows.
 
 Goals: AdaHessian's refresh step at the recommended setting (remat and
 ``chunks`` = the sequences per device) at most AdamW's temporary bytes,
 sharded too; a GNB refresh step at most 1.1x AdamW's; optimizer state
-equal to Adam's (plus a few scalars).
+equal to Adam's (plus a few scalars). Each is checked at every batch.
 
 Each (size, device count) runs in a process of its own, one compile at a
-time, at low priority (``nice``). The full run took about 10 minutes on
-this project's shared 2-core CPU machine (84 compiles of 2 to 22 s, in
-processes whose resident memory peaked under 1 GiB); ``--quick`` compiles
-the ``mini`` configuration (28 compiles) in about 4 minutes.
+time, at low priority (``nice``), and its larger batches in another. The
+full run took about 9 minutes on this project's shared 2-core CPU machine
+(156 compiles of 1 to 8 s, in processes whose resident memory peaked
+under 1.2 GiB); ``--quick`` compiles the ``mini`` configuration only.
 
 Usage (from the repository root)::
 
@@ -51,6 +55,7 @@ from benchmarks.common import report as _report
 SIZES = ("124M", "355M", "774M")
 DEVICES = (1, 8)
 PER_DEVICE = 4   # sequences per device
+SWEEP = (PER_DEVICE, 8, 16)   # sequences per device for the break-even
 SEQ_LEN = 1024
 CHUNKS = 4       # = PER_DEVICE: one sequence of each device per piece
 STRIDE = 4       # GNB on every 4th sequence: one per device
@@ -62,6 +67,9 @@ VARIANTS = {
     "adahessian": ("AdaHessian, fused refresh step", "AdaHessian", {}),
     "chunks": (f"AdaHessian, fused, `chunks={CHUNKS}`", "AdaHessian",
                {"chunks": CHUNKS}),
+    "chunks_plain": (f"AdaHessian, the gradient, then `chunks={CHUNKS}` "
+                     "products (plain call)", "AdaHessian",
+                     {"fused": False, "chunks": CHUNKS}),
     "gnb": ("AdaHessian-GNB, fused refresh step", "AdaHessian-GNB", {}),
     "gnb_stride": (f"AdaHessian-GNB, estimate on every {STRIDE}th sequence "
                    "in its `lax.cond`", "AdaHessian-GNB",
@@ -74,6 +82,12 @@ VARIANTS = {
 }
 RECOMMENDED = {"AdaHessian": "chunks+remat", "AdaHessian-GNB":
                "gnb_stride+remat", "Sophia-G": "sophia_stride+remat"}
+# The memory settings measured at more sequences per device (remat; chunks
+# and strides = the sequences per device).
+SWEPT = {"AdaHessian, fused, chunks": "chunks+remat",
+         "AdaHessian, plain call, chunks": "chunks_plain+remat",
+         "AdaHessian-GNB, strided, in its `lax.cond`": "gnb_stride+remat",
+         "Sophia-G, strided": "sophia_stride+remat"}
 GIB = 2 ** 30
 
 
@@ -106,8 +120,11 @@ def _collectives(text: str) -> dict:
   return {op: ops.count(op) for op in sorted(set(ops))}
 
 
-def measure_group(size: str, devices: int, keys=None) -> dict:
-  """Every variant of one size on one device count (in this process)."""
+def measure_group(size: str, devices: int, keys=None,
+                  per_device: int = PER_DEVICE) -> dict:
+  """Every variant of one size on one device count (in this process), with
+  ``per_device`` sequences on each device; the chunks and strides of the
+  variants are scaled with it (one sequence of each device per piece)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from examples import gpt  # pylint: disable=import-outside-toplevel
@@ -117,7 +134,7 @@ def measure_group(size: str, devices: int, keys=None) -> dict:
   mesh = gpt.make_mesh(devices)
   seq_len = min(SEQ_LEN, gpt.CONFIGS[size].context)
   batch = jax.ShapeDtypeStruct(
-      (PER_DEVICE * devices, seq_len + 1), jnp.int32,
+      (per_device * devices, seq_len + 1), jnp.int32,
       sharding=gpt.batch_sharding(mesh))
 
   def abstract(tree):
@@ -139,7 +156,7 @@ def measure_group(size: str, devices: int, keys=None) -> dict:
       name = key + ("+remat" if remat else "")
       if keys and name not in keys:
         continue
-      s = gpt.Settings(optimizer=optimizer, **fields)
+      s = gpt.Settings(optimizer=optimizer, **_scaled(fields, per_device))
       tx = gpt.make_tx(s, rules)
       opt_state = abstract(jax.eval_shape(tx.init, params))
       replicated = jax.sharding.NamedSharding(
@@ -172,6 +189,12 @@ def measure_group(size: str, devices: int, keys=None) -> dict:
   return out
 
 
+def _scaled(fields: dict, per_device: int) -> dict:
+  """A variant's settings with its chunks and strides at ``per_device``."""
+  return {k: per_device if k in ("chunks", "gnb_stride") else v
+          for k, v in fields.items()}
+
+
 def _prod(shape) -> int:
   n = 1
   for d in shape:
@@ -187,13 +210,23 @@ def _worker_env(devices: int) -> dict:
               f"{max(devices, 1)}".strip())
 
 
-def run_group(size: str, devices: int) -> dict:
-  """`measure_group` in a process of its own, at low priority."""
+def measure_sweep(size: str, devices: int) -> dict:
+  """The recommended settings and AdamW's, with remat, at each of
+  `SWEEP`'s sequences per device (the first is `measure_group`'s)."""
+  keys = ["adamw+remat", *SWEPT.values()]
+  return {str(per): measure_group(size, devices, keys, per)
+          for per in SWEEP[1:]}
+
+
+def run_group(size: str, devices: int, sweep: bool = False) -> dict:
+  """`measure_group` (or with ``sweep``, `measure_sweep`) in a process of
+  its own, at low priority."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "group.json")
     subprocess.run(
         ["nice", "-n", "10", sys.executable, "-m",
-         "benchmarks.speed.memory_scale", "--worker", size, str(devices),
+         "benchmarks.speed.memory_scale",
+         "--sweep-worker" if sweep else "--worker", size, str(devices),
          path], check=True, env=_worker_env(devices))
     with open(path) as f:
       return json.load(f)
@@ -266,6 +299,38 @@ def default_table(data) -> str:
   return _report.table(["step"] + [_group_label(*g) for g in groups], rows)
 
 
+def _sweep_group(data, size, n, per) -> dict:
+  if per == data["per_device"]:
+    return data["results"][size][str(n)]
+  return data["sweep"][size][str(n)][str(per)]
+
+
+def _extra_buffers(g: dict, name: str) -> float:
+  """What the step needs beyond AdamW's with remat (temporary plus output
+  bytes), in multiples of the params' bytes per device."""
+  return ((_bytes(g[name], "work") - _bytes(g["adamw+remat"], "work"))
+          / g[name]["params"])
+
+
+def sweep_table(data) -> str:
+  """The memory settings (remat; chunks and strides = the sequences per
+  device) over AdamW's step with remat at the same batch, at each number of
+  sequences per device: temporary bytes / temporary plus output bytes."""
+  pers = data["sweep_per_device"]
+  rows = []
+  for size, n in _groups(data):
+    for label, name in SWEPT.items():
+      cells = []
+      for per in pers:
+        g = _sweep_group(data, size, n, per)
+        cells.append(f"{_over_adamw(g, name):.2f} / "
+                     f"{_over_adamw(g, name, 'work'):.2f}")
+      rows.append([_group_label(size, n), label] + cells)
+  return _report.table(
+      ["size, devices", "step"]
+      + [f"{per} sequences per device" for per in pers], rows)
+
+
 def state_table(data) -> str:
   """Per device: the params, the optimizer state (over AdamW's), and the
   step's argument and output bytes, in GiB."""
@@ -304,9 +369,14 @@ def compile_table(data) -> str:
 def values(data) -> dict:
   """Numbers quoted in the prose: ``<variant>:<size>:<devices>`` the ratio
   of temporary bytes over AdamW's (same model settings), ``work:...`` of
-  temporary plus output bytes, ``gib:...`` the temporary GiB,
-  ``outputs:<size>:<devices>`` AdamW's output GiB; ``minutes`` the run's
-  total."""
+  temporary plus output bytes, ``gib:...`` the temporary GiB;
+  ``outputs:<size>:<devices>`` AdamW's output GiB, ``params:...`` the
+  params' GiB per device, ``buffers:<variant>:<size>:1`` what a memory
+  setting needs beyond AdamW's on one device, in multiples of the params'
+  bytes; at each swept batch the same ratios,
+  ``<variant>:<size>:<devices>:<sequences per device>`` and ``work:...``,
+  and ``workgib:...`` the temporary plus output GiB; ``minutes`` the
+  run's total."""
   out = {"minutes": f"{data['seconds'] / 60:.0f}"}
   for size, n in _groups(data):
     g = data["results"][size][str(n)]
@@ -315,6 +385,19 @@ def values(data) -> dict:
       out[f"work:{name}:{size}:{n}"] = f"{_over_adamw(g, name, 'work'):.2f}"
       out[f"gib:{name}:{size}:{n}"] = f"{g[name]['temp'] / GIB:.2f}"
     out[f"outputs:{size}:{n}"] = f"{g['adamw']['output'] / GIB:.2f}"
+    out[f"params:{size}:{n}"] = f"{g['adamw']['params'] / GIB:.2f}"
+    if n == 1:  # sharded, a sequence's activations outweigh the params
+      for name in SWEPT.values():
+        out[f"buffers:{name}:{size}:{n}"] = (
+            f"{_extra_buffers(g, name):.2f}")
+    for per in data["sweep_per_device"]:
+      s = _sweep_group(data, size, n, per)
+      for name in s:
+        out[f"{name}:{size}:{n}:{per}"] = f"{_over_adamw(s, name):.2f}"
+        out[f"work:{name}:{size}:{n}:{per}"] = (
+            f"{_over_adamw(s, name, 'work'):.2f}")
+        out[f"workgib:{name}:{size}:{n}:{per}"] = (
+            f"{_bytes(s[name], 'work') / GIB:.2f}")
   return out
 
 
@@ -329,6 +412,14 @@ def checks(data) -> list:
       items.append((f"{where}: {optimizer} ({name}) {temp:.2f}x AdamW's "
                     f"temporary bytes, {work:.2f}x with the outputs "
                     f"(target <= {target})", max(temp, work) <= target))
+    for per in data["sweep_per_device"][1:]:
+      s = _sweep_group(data, size, n, per)
+      for optimizer, name in RECOMMENDED.items():
+        target = 1.0 if optimizer == "AdaHessian" else 1.1
+        temp, work = _over_adamw(s, name), _over_adamw(s, name, "work")
+        items.append((f"{where}, {per} sequences per device: {optimizer} "
+                      f"{temp:.2f}x / {work:.2f}x (target <= {target})",
+                      max(temp, work) <= target))
     for key in ("adahessian", "gnb", "sophia"):
       diff = g[key]["state"] - g["adamw"]["state"]
       items.append((f"{where}: {VARIANTS[key][1]} state = AdamW's "
@@ -346,21 +437,28 @@ def main(argv=None):
   parser.add_argument("--worker", nargs=3, default=None,
                       metavar=("SIZE", "DEVICES", "OUT"),
                       help=argparse.SUPPRESS)
+  parser.add_argument("--sweep-worker", nargs=3, default=None,
+                      metavar=("SIZE", "DEVICES", "OUT"),
+                      help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args.worker:
-    size, devices, path = args.worker
-    result = measure_group(size, int(devices))
+  if args.worker or args.sweep_worker:
+    size, devices, path = args.worker or args.sweep_worker
+    measure = measure_group if args.worker else measure_sweep
+    result = measure(size, int(devices))
     _report.save_json(path, result, announce=False)
     return result
   from examples import gpt  # pylint: disable=import-outside-toplevel
   sizes = ["mini"] if args.quick else args.sizes.split(",")
   devices = [int(n) for n in args.devices.split(",")]
   start = time.perf_counter()
-  results = {}
+  results, sweep = {}, {}
   for size in sizes:
     for n in devices:
       print(f"{size} on {n} device(s):", flush=True)
       results.setdefault(size, {})[str(n)] = run_group(size, n)
+      print(f"{size} on {n} device(s), more sequences per device:",
+            flush=True)
+      sweep.setdefault(size, {})[str(n)] = run_group(size, n, sweep=True)
   data = {"sizes": sizes, "devices": devices, "per_device": PER_DEVICE,
           "seq_len": {s: min(SEQ_LEN, gpt.CONFIGS[s].context) for s in sizes},
           "vocab_size": {s: gpt.CONFIGS[s].vocab_size for s in sizes},
@@ -369,19 +467,22 @@ def main(argv=None):
           "chunks": CHUNKS,
           "stride": STRIDE, "interval": INTERVAL,
           "seconds": round(time.perf_counter() - start),
-          "quick": args.quick, "results": results}
+          "quick": args.quick, "results": results,
+          "sweep_per_device": list(SWEEP), "sweep": sweep}
+  _report.save_json(args.json, data)
   print("\n### Temporary bytes per device over AdamW's (same model "
         "settings); GiB in brackets\n\n" + memory_table(data))
   print("\n### Temporary plus output bytes, the same way\n\n"
         + work_table(data))
   print("\n### Temporary plus output bytes over AdamW's step without "
         "remat\n\n" + default_table(data))
+  print("\n### The recommended settings over AdamW's, remat, by sequences "
+        "per device\n\n" + sweep_table(data))
   print("\n### State, arguments and outputs per device\n\n"
         + state_table(data))
   print("\n### The compiles\n\n" + compile_table(data))
   print("\n### Goals\n\n" + _report.checklist(checks(data)))
   print(f"\n{data['seconds'] / 60:.1f} minutes in all")
-  _report.save_json(args.json, data)
   return data
 
 
