@@ -69,7 +69,7 @@ def test_block_mean_every_rank(shape, block):
 
 def test_block_mean_splits_blocks_in_place_without_a_transpose():
   # A transpose of a large kernel's estimate (moving the axis last) cost a
-  # param-sized temporary in the refresh step's plan (docs/scale.md); the
+  # param-sized temporary in the refresh step's plan (CHANGELOG 0.6.1); the
   # blocks are split where the axis is.
   x = jnp.asarray(_leaf((3, 8, 5), seed=4))
   for rule in (aho.block_mean(4, axis=1), aho.block_mean(3, axis=1)):

@@ -64,9 +64,8 @@ class BlockMean(SpatialRule):
           f"is larger than axis {self.axis} ({shape[axis]} entries)")
 
   def apply(self, x):
-    # Blocks are split in place, (..., n, ...) -> (..., n / b, b, ...), with
-    # no transpose: XLA then fuses the block means into their consumer
-    # instead of writing a transposed copy and a broadcast of the estimate.
+    # Blocks are split in place, (..., n, ...) -> (..., n / b, b, ...): moving
+    # the axis last made XLA write a transposed copy of the whole estimate.
     axis = self.axis % x.ndim
     n = x.shape[axis]
     whole = (n // self.block_size) * self.block_size
